@@ -1,0 +1,29 @@
+"""Errors that tell the user what to fix: which file, which line, which setting."""
+
+from __future__ import annotations
+
+
+class TinyPLMError(Exception):
+    """Base class of every error tinyplm raises on purpose."""
+
+
+class InputError(TinyPLMError, ValueError):
+    """Bad input data. The message names the file and, where known, the line."""
+
+    def __init__(self, path: object, message: str, line: int | None = None) -> None:
+        where = f"{path}" if line is None else f"{path}, line {line}"
+        super().__init__(f"{where}: {message}")
+        self.path = str(path)
+        self.line = line
+
+
+class ConfigError(TinyPLMError, ValueError):
+    """A setting out of range or inconsistent with another. The message names the setting."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"setting {setting!r}: {message}")
+        self.setting = setting
+
+
+class StorageError(TinyPLMError):
+    """An artifact that is missing, incomplete or fails its manifest check."""
