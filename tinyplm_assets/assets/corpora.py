@@ -1,0 +1,75 @@
+"""Cleaned sentence corpora with deterministic train/validation splits.
+
+`cc100_ja_corpus` and `jawiki_corpus` each read their raw download once and write two assets,
+`*_train` and `*_validation`: directories holding `sentences.txt` (one sentence per line, UTF-8).
+Splits are whole documents chosen by a seeded hash, so re-running gives byte-identical files.
+"""
+
+
+from pathlib import Path
+
+from dagster import AssetExecutionContext, AssetOut, Output, multi_asset
+
+from tinyplm_assets.config import Cc100CorpusConfig, JawikiCorpusConfig
+from tinyplm_assets.metadata import flat_counts, text_sample
+from tinyplm_assets.resources import ArtifactStorage
+from tinyplm_lib.cc100 import build_cc100_corpus
+from tinyplm_lib.jawiki import build_jawiki_corpus
+
+SENTENCES = "sentences.txt"
+
+
+def single_file(directory: Path) -> Path:
+    """The one data file of a raw download artifact."""
+    files = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith("_")]
+    if len(files) != 1:
+        raise ValueError(f"{directory}: expected exactly one downloaded file, found {len(files)}")
+    return files[0]
+
+
+def _outputs(prefix: str, staged: dict[str, Path], stats: dict):
+    for split, directory in staged.items():
+        yield Output(
+            directory,
+            output_name=f"{prefix}_{split}",
+            metadata={**flat_counts(stats), "sample": text_sample(directory / SENTENCES)},
+        )
+
+
+@multi_asset(
+    name="cc100_ja_corpus",
+    group_name="corpora",
+    outs={
+        "cc100_ja_train": AssetOut(description="cc100-ja training lines (NFKC, whole documents)."),
+        "cc100_ja_validation": AssetOut(description="cc100-ja validation lines: whole documents, "
+                                        "seeded, no overlap with train."),
+    },
+)
+def cc100_ja_corpus(context: AssetExecutionContext, config: Cc100CorpusConfig,
+                    storage: ArtifactStorage, cc100_ja_raw: Path):
+    """First `max_lines` non-empty NFKC lines of cc100-ja, split by document. Safe to re-run."""
+    staged = {split: storage.staging_dir(f"cc100_ja_{split}") for split in ("train", "validation")}
+    stats = build_cc100_corpus(single_file(cc100_ja_raw), staged["train"] / SENTENCES,
+                               staged["validation"] / SENTENCES, config.to_settings()).to_dict()
+    context.log.info(f"cc100-ja corpus: {stats}")
+    yield from _outputs("cc100_ja", staged, stats)
+
+
+@multi_asset(
+    name="jawiki_corpus",
+    group_name="corpora",
+    outs={
+        "jawiki_train": AssetOut(description="JaWiki training sentences (cleaned, split, deduplicated)."),
+        "jawiki_validation": AssetOut(description="JaWiki validation sentences: whole articles, "
+                                      "seeded, no overlap with train."),
+    },
+)
+def jawiki_corpus(context: AssetExecutionContext, config: JawikiCorpusConfig,
+                  storage: ArtifactStorage, jawiki_raw: Path):
+    """Namespace-0 articles cleaned by the original's rules, sentence-split, deduplicated."""
+    staged = {split: storage.staging_dir(f"jawiki_{split}") for split in ("train", "validation")}
+    stats = build_jawiki_corpus(single_file(jawiki_raw), staged["train"] / SENTENCES,
+                                staged["validation"] / SENTENCES, config.to_settings(),
+                                work_dir=storage.staging_dir("jawiki_work")).to_dict()
+    context.log.info(f"JaWiki corpus: {stats}")
+    yield from _outputs("jawiki", staged, stats)

@@ -1,0 +1,48 @@
+"""The two BERT checkpoints: stage 1 from scratch on cc100-ja, stage 2 continued on JaWiki.
+
+Each is a standard Hugging Face folder (`model.safetensors`, `config.json`, tokenizer files,
+`metrics.json`). They run in the `gpu` concurrency pool (one at a time per Dagster instance) and
+carry the GPU request in their op tags for the Docker and Kubernetes run launchers.
+"""
+
+
+from pathlib import Path
+
+from dagster import AssetExecutionContext, Output, asset
+
+from tinyplm_assets.config import Stage1Config, Stage2Config
+from tinyplm_assets.metadata import flat_counts
+from tinyplm_assets.resources import ArtifactStorage
+from tinyplm_lib.training import train_stage
+
+# Read by dagster-k8s (pod resources) and by our docker deployment; a GPU box only runs these.
+GPU_OP_TAGS = {
+    "tinyplm/gpu": "1",
+    "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}},
+}
+
+
+def _result(metrics: dict, out_dir: Path) -> Output:
+    metadata = flat_counts({k: v for k, v in metrics.items() if k != "history"})
+    metadata["device"] = metrics["device"]
+    return Output(out_dir, metadata=metadata)
+
+
+@asset(group_name="training", pool="gpu", op_tags=GPU_OP_TAGS, kinds={"pytorch"})
+def bert_stage1_cc100(context: AssetExecutionContext, config: Stage1Config, storage: ArtifactStorage,
+                      cc100_ja_tokens: Path, wordpiece_tokenizer: Path) -> Output:
+    """BERT MLM trained from scratch on cc100-ja. Re-running retrains from scratch."""
+    out_dir = storage.staging_dir("bert_stage1_cc100")
+    metrics = train_stage(cc100_ja_tokens / "train", cc100_ja_tokens / "validation", wordpiece_tokenizer,
+                          out_dir, config.to_options(), log=context.log.info)
+    return _result(metrics, out_dir)
+
+
+@asset(group_name="training", pool="gpu", op_tags=GPU_OP_TAGS, kinds={"pytorch"})
+def bert_stage2_jawiki(context: AssetExecutionContext, config: Stage2Config, storage: ArtifactStorage,
+                       bert_stage1_cc100: Path, jawiki_tokens: Path, wordpiece_tokenizer: Path) -> Output:
+    """Stage 1 continued on JaWiki: the model users take home. Re-running retrains stage 2."""
+    out_dir = storage.staging_dir("bert_stage2_jawiki")
+    metrics = train_stage(jawiki_tokens / "train", jawiki_tokens / "validation", wordpiece_tokenizer,
+                          out_dir, config.to_options(init_from=bert_stage1_cc100), log=context.log.info)
+    return _result(metrics, out_dir)

@@ -1,0 +1,46 @@
+"""Token datasets: each corpus split encoded once into uint16 token shards read by memory map.
+
+`cc100_ja_tokens` / `jawiki_tokens` hold `train/` and `validation/` shard folders (see
+`tinyplm_lib.shards`), so training never tokenises text. Deterministic and safe to re-run.
+"""
+
+
+from pathlib import Path
+
+from dagster import AssetExecutionContext, AssetIn, MetadataValue, Output, asset
+
+from tinyplm_assets.config import TokenShardsConfig, worker_count
+from tinyplm_assets.resources import ArtifactStorage
+from tinyplm_lib.shards import TokenShards, encode_corpus
+from tinyplm_lib.tokenizer import load_tokenizer
+
+
+def decoded_sample(shard_dir: Path, tokenizer_dir: Path, sentences: int = 3) -> MetadataValue:
+    """The first sentences of a shard as WordPiece tokens, to eyeball the segmentation."""
+    shards, tokenizer = TokenShards(shard_dir), load_tokenizer(tokenizer_dir)
+    rows = [" ".join(tokenizer.convert_ids_to_tokens(shards.sentence(i).tolist()))
+            for i in range(min(sentences, shards.num_sentences))]
+    return MetadataValue.md("\n".join(f"- `{row}`" for row in rows))
+
+
+def _token_asset(name: str, corpus: str, description: str):
+    @asset(name=name, group_name="tokens", description=description, kinds={"numpy"},
+           ins={"train": AssetIn(f"{corpus}_train"), "validation": AssetIn(f"{corpus}_validation"),
+                "tokenizer": AssetIn("wordpiece_tokenizer")})
+    def _tokens(context: AssetExecutionContext, config: TokenShardsConfig, storage: ArtifactStorage,
+                train: Path, validation: Path, tokenizer: Path) -> Output:
+        staging = storage.staging_dir(name)
+        metadata: dict = {}
+        for split, corpus_dir in (("train", train), ("validation", validation)):
+            meta = encode_corpus(corpus_dir / "sentences.txt", tokenizer, staging / split,
+                                 workers=worker_count(config.workers), shard_lines=config.shard_lines)
+            metadata.update({f"{split}.{key}": value for key, value in meta.items()
+                             if isinstance(value, (int, float)) and not isinstance(value, bool)})
+        metadata["decoded_sample"] = decoded_sample(staging / "validation", tokenizer)
+        return Output(staging, metadata=metadata)
+
+    return _tokens
+
+
+cc100_ja_tokens = _token_asset("cc100_ja_tokens", "cc100_ja", "cc100-ja train/validation as token shards.")
+jawiki_tokens = _token_asset("jawiki_tokens", "jawiki", "JaWiki train/validation as token shards.")

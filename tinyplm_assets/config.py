@@ -1,0 +1,145 @@
+"""Run-config classes: Dagster's view of the library's settings dataclasses.
+
+Defaults are read from the library dataclasses (one source of defaults); `to_settings()` converts
+to them, and the library's `validate()` rejects out-of-range values before any expensive work.
+Relative paths (config files, `file://` URLs) resolve against the current directory first, then
+the project root, so the commands work from the repository and from a packaged code location.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+from urllib.parse import urlsplit
+
+from dagster import Config
+from pydantic import Field
+
+from tinyplm_assets.resources import PROJECT_ROOT
+from tinyplm_lib.cc100 import Cc100Settings
+from tinyplm_lib.errors import ConfigError
+from tinyplm_lib.jawiki import JawikiSettings
+from tinyplm_lib.tokenizer import TokenizerSettings
+from tinyplm_lib.training import StageOptions
+
+_CC100 = Cc100Settings()
+_JAWIKI = JawikiSettings()
+_TOKENIZER = TokenizerSettings()
+
+
+def resolve_path(value: str, setting: str) -> Path:
+    path = Path(value).expanduser()
+    if path.is_absolute():
+        return path
+    for base in (Path.cwd(), PROJECT_ROOT):
+        if (base / path).exists():
+            return (base / path).resolve()
+    raise ConfigError(setting, f"{value} not found in {Path.cwd()} or {PROJECT_ROOT}")
+
+
+def resolve_url(url: str) -> str:
+    """`file://./relative/path` → an absolute file URL; other URLs unchanged."""
+    parts = urlsplit(url)
+    if parts.scheme == "file" and parts.netloc in (".", ".."):
+        return resolve_path(parts.netloc + parts.path, "url").as_uri()
+    return url
+
+
+def worker_count(workers: int) -> int:
+    """0 means every core this process may use."""
+    return workers if workers > 0 else len(os.sched_getaffinity(0))
+
+
+class DownloadConfig(Config):
+    url: str = Field(description="http(s)://, file:// (file://./x is relative to the project) or s3:// URL")
+    sha256: Optional[str] = Field(default=None, description="expected sha256 of the file, if published")
+    progress: bool = Field(default=True, description="show a tqdm progress bar on stderr")
+
+
+class Cc100CorpusConfig(Config):
+    max_lines: int = Field(default=_CC100.max_lines, description="first N non-empty lines read")
+    max_validation_lines: int = _CC100.max_validation_lines
+    validation_doc_fraction: Optional[float] = Field(
+        default=_CC100.validation_doc_fraction,
+        description="share of documents drawn for validation; None = 1.25 × max_validation_lines / max_lines",
+    )
+    seed: int = _CC100.seed
+
+    def to_settings(self) -> Cc100Settings:
+        settings = Cc100Settings(**self.model_dump())
+        settings.validate()
+        return settings
+
+
+class JawikiCorpusConfig(Config):
+    max_documents: Optional[int] = Field(default=_JAWIKI.max_documents, description="namespace-0 documents read")
+    validation_fraction: float = _JAWIKI.validation_fraction
+    seed: int = _JAWIKI.seed
+    min_chars: int = _JAWIKI.min_chars
+    max_chars: int = _JAWIKI.max_chars
+
+    def to_settings(self) -> JawikiSettings:
+        settings = JawikiSettings(**self.model_dump())
+        settings.validate()
+        return settings
+
+
+class TokenizerSampleConfig(Config):
+    sample_size: int = Field(default=_TOKENIZER.sample_size, description="sentences sampled from JaWiki train")
+    seed: int = _TOKENIZER.seed
+
+
+class TokenizerConfig(Config):
+    vocab_size: int = _TOKENIZER.vocab_size
+    limit_alphabet: int = _TOKENIZER.limit_alphabet
+    min_frequency: int = _TOKENIZER.min_frequency
+    num_unused: int = _TOKENIZER.num_unused
+    model_max_length: int = _TOKENIZER.model_max_length
+    workers: int = Field(default=0, description="MeCab processes; 0 = all cores")
+
+    def to_settings(self) -> TokenizerSettings:
+        settings = TokenizerSettings(**self.model_dump(exclude={"workers"}))
+        settings.validate()
+        return settings
+
+
+class TokenShardsConfig(Config):
+    workers: int = Field(default=0, description="encoding processes; 0 = all cores")
+    shard_lines: int = Field(default=1_000_000, description="sentences per shard file")
+
+
+_OVERRIDABLE = ("max_steps", "learning_rate", "per_device_train_batch_size")
+
+
+class TrainingStageConfig(Config):
+    model_config_path: str = Field(
+        default="configs/model/bert-tiny-custom.json", description="HF BertConfig JSON"
+    )
+    training_args_path: str = Field(description="HF TrainingArguments JSON (run_mlm style accepted)")
+    max_seq_length: Optional[int] = Field(default=None, description="None: the JSON's max_seq_length or 128")
+    max_eval_sequences: int = Field(default=10_000, description="validation sequences evaluated")
+    max_steps: Optional[int] = Field(default=None, description="overrides the JSON's max_steps")
+    learning_rate: Optional[float] = Field(default=None, description="overrides the JSON's learning_rate")
+    per_device_train_batch_size: Optional[int] = Field(default=None, description="overrides the JSON's")
+
+    def to_options(self, init_from: Path | None = None) -> StageOptions:
+        return StageOptions(
+            model_config=resolve_path(self.model_config_path, "model_config_path"),
+            training_args=resolve_path(self.training_args_path, "training_args_path"),
+            init_from=init_from,
+            max_seq_length=self.max_seq_length,
+            max_eval_sequences=self.max_eval_sequences,
+            overrides={name: value for name in _OVERRIDABLE
+                       if (value := getattr(self, name)) is not None},
+        )
+
+
+class Stage1Config(TrainingStageConfig):
+    training_args_path: str = Field(default="configs/train/stage1-cc100.json",
+                                    description="HF TrainingArguments JSON (run_mlm style accepted)")
+
+
+class Stage2Config(TrainingStageConfig):
+    training_args_path: str = Field(default="configs/train/stage2-jawiki.json",
+                                    description="HF TrainingArguments JSON (run_mlm style accepted)")

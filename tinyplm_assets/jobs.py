@@ -1,0 +1,32 @@
+"""Jobs: prepare the data, train the models (GPU-tagged), or run the whole pipeline."""
+
+from __future__ import annotations
+
+from dagster import AssetSelection, define_asset_job
+
+from tinyplm_assets.assets.models import GPU_OP_TAGS
+
+TRAINING = AssetSelection.groups("training")
+DATA = AssetSelection.all() - TRAINING
+
+prepare_data = define_asset_job(
+    "prepare_data",
+    selection=DATA,
+    description="Download, clean and split the corpora, train the tokenizer, write token shards.",
+)
+
+# Run tags (unlike asset op_tags) reach run launchers: the Kubernetes launcher reads
+# `dagster-k8s/config`, and `tinyplm/gpu` lets a run queue or a launcher route the run to a GPU box.
+train_models = define_asset_job(
+    "train_models",
+    selection=TRAINING,
+    tags=GPU_OP_TAGS,
+    description="Stage-1 and stage-2 BERT training (needs the data assets; one GPU job at a time).",
+)
+
+pretrain_all = define_asset_job(
+    "pretrain_all",
+    selection=AssetSelection.all(),
+    tags={"tinyplm/gpu": "1"},
+    description="The whole pipeline, downloads to the stage-2 checkpoint.",
+)

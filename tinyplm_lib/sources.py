@@ -1,0 +1,411 @@
+"""Download corpus files from ``http://``, ``https://`` and ``file://`` URLs, resumably.
+
+Bytes stream to ``<dest>.part`` and are hashed on the way; an interrupted download resumes with an
+HTTP ``Range`` request guarded by ``If-Range``, and the finished file is fsynced and renamed to
+``dest``. ``download("https://data.statmt.org/cc-100/ja.txt.xz", Path("raw/ja.txt.xz"))``
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import http.client
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from tinyplm_lib.errors import ConfigError, TinyPLMError
+
+_USER_AGENT = "tinyplm-downloader/0.1"
+# Backoff doubles per attempt; the cap keeps a large max_retries from sleeping for hours.
+_MAX_BACKOFF_S = 60.0
+# Module-level so tests can check the backoff schedule without actually waiting.
+_sleep = time.sleep
+# Network failures worth another attempt: URLError, timeouts and resets are all OSErrors;
+# IncompleteRead and RemoteDisconnected are HTTPExceptions.
+_NETWORK_ERRORS = (OSError, http.client.HTTPException)
+
+
+class DownloadError(TinyPLMError):
+    """A download that failed. The message names the URL (credentials removed) and the cause."""
+
+
+class _RetryableError(Exception):
+    """One attempt failed in a way that another attempt (after backoff) may fix."""
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """A file that is complete at ``path``; ``url`` has any credentials removed."""
+
+    path: Path
+    url: str
+    size: int
+    sha256: str
+    # Bytes the final, successful response did not have to send because they were already on disk.
+    resumed_from: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "path": str(self.path)}
+
+
+def redact_url(url: str) -> str:
+    """``url`` without the ``user:password@`` part, safe to print or store."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def filename_from_url(url: str) -> str:
+    """The last path segment of ``url``, percent-decoded (``.../cc-100/ja.txt.xz`` → ``ja.txt.xz``)."""
+    name = urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
+    # A decoded %2F or a bare ".." would let a URL choose a path outside the download folder.
+    if name in ("", ".", "..") or any(c in name for c in "/\\\0"):
+        raise ConfigError("url", f"{redact_url(url)}: cannot derive a file name from the URL path")
+    return name
+
+
+def download(
+    url: str,
+    dest: Path,
+    *,
+    expected_sha256: str | None = None,
+    expected_size: int | None = None,
+    progress: bool = True,
+    timeout: float = 60.0,
+    max_retries: int = 5,
+    backoff: float = 1.0,
+    chunk_size: int = 1 << 20,
+) -> DownloadResult:
+    """Fetch ``url`` into ``dest`` unless ``dest`` already holds it; safe to re-run after a crash.
+
+    An existing ``dest`` is kept when it matches ``expected_sha256``/``expected_size`` (or when none
+    is given). ``timeout`` is per socket operation in seconds; up to ``max_retries`` further
+    attempts follow connection errors, timeouts and 5xx answers, waiting ``backoff * 2**k`` seconds.
+    """
+    dest = Path(dest)
+    shown = redact_url(url)
+    expected_sha256 = _check_settings(
+        expected_sha256, expected_size,
+        timeout=timeout, max_retries=max_retries, backoff=backoff, chunk_size=chunk_size,
+    )
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme == "s3":
+        raise ConfigError("url", f"{shown}: s3:// sources are not supported yet; use http(s):// or file://")
+    if scheme not in ("http", "https", "file"):
+        raise ConfigError("url", f"{shown}: unsupported scheme {scheme!r}; use http://, https:// or file://")
+
+    # A wrong size rules the file out without reading it (hashing cc100 means reading 15 GB).
+    if dest.is_file() and expected_size in (None, dest.stat().st_size):
+        size, digest = dest.stat().st_size, _hash_file(dest, chunk_size).hexdigest()
+        if expected_sha256 in (None, digest):
+            return DownloadResult(dest, shown, size, digest, resumed_from=0)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+
+    part = _PartFile(dest, shown, chunk_size)
+    if scheme == "file":
+        size, digest = _copy_local(url, part, progress=progress)
+        resumed_from = 0
+    else:
+        size, digest, resumed_from = _fetch_with_retries(
+            url, part, expected_size=expected_size, progress=progress, timeout=timeout,
+            max_retries=max_retries, backoff=backoff,
+        )
+
+    problems = []
+    if expected_size is not None and size != expected_size:
+        problems.append(f"size {size} bytes, expected {expected_size}")
+    if expected_sha256 is not None and digest != expected_sha256:
+        problems.append(f"sha256 {digest}, expected {expected_sha256}")
+    if problems:
+        # The complete-but-wrong bytes would only be "resumed" into the same wrong file next time.
+        part.discard()
+        raise DownloadError(f"{shown}: downloaded file does not match: {'; '.join(problems)}")
+    part.publish()
+    return DownloadResult(dest, shown, size, digest, resumed_from)
+
+
+def _check_settings(expected_sha256: str | None, expected_size: int | None, **numbers: float) -> str | None:
+    """The normalised expected_sha256; ConfigError for any value out of range."""
+    if expected_sha256 is not None:
+        expected_sha256 = expected_sha256.strip().lower()
+        if len(expected_sha256) != 64 or any(c not in "0123456789abcdef" for c in expected_sha256):
+            raise ConfigError("expected_sha256", f"{expected_sha256!r} is not a 64-digit hex sha256")
+    lowest = {"expected_size": 0, "max_retries": 0, "backoff": 0, "timeout": 1e-9, "chunk_size": 1}
+    for name, value in {"expected_size": expected_size, **numbers}.items():
+        if value is not None and value < lowest[name]:
+            raise ConfigError(name, f"must be {'> 0' if lowest[name] else '>= 0'}, got {value}")
+    return expected_sha256
+
+
+def _hash_file(path: Path, chunk_size: int) -> Any:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(chunk_size):
+            digest.update(chunk)
+    return digest
+
+
+def _progress_bar(name: str, total: int | None, initial: int, enabled: bool) -> tqdm:
+    return tqdm(
+        total=total, initial=initial, desc=name, unit="B", unit_scale=True, unit_divisor=1024,
+        file=sys.stderr, disable=not enabled, leave=False,
+    )
+
+
+class _PartFile:
+    """``<dest>.part`` plus its sidecar ``<dest>.part.json`` (URL, resume validator, total size).
+
+    Keeps a running sha256 of the part's bytes so a resume within one call need not re-read them.
+    """
+
+    def __init__(self, dest: Path, url_key: str, chunk_size: int) -> None:
+        self.dest = dest
+        self.path = dest.with_name(dest.name + ".part")
+        self.sidecar = dest.with_name(dest.name + ".part.json")
+        self.url_key = url_key
+        self.chunk_size = chunk_size
+        self._digest: Any = None
+        self._hashed = 0
+
+    def size(self) -> int:
+        return self.path.stat().st_size if self.path.exists() else 0
+
+    def resume_point(self) -> tuple[int, str | None, int | None]:
+        """(offset, If-Range validator, total) for resuming, or (0, None, None) after a reset."""
+        size = self.size()
+        if size == 0:
+            return 0, None, None
+        try:
+            meta = json.loads(self.sidecar.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            meta = {}
+        total = meta.get("total")
+        # Without a validator a resumed file could silently mix two versions, so start over.
+        usable = meta.get("url") == self.url_key and meta.get("validator") and (total is None or size <= total)
+        if not usable:
+            self.reset()
+            return 0, None, None
+        return size, meta["validator"], total
+
+    def reset(self) -> None:
+        self.path.write_bytes(b"")
+        self.sidecar.unlink(missing_ok=True)
+        self._digest, self._hashed = hashlib.sha256(), 0
+
+    def start(self, validator: str | None, total: int | None) -> None:
+        """Begin a fresh download; the sidecar is written first so a crash mid-body can resume."""
+        self.reset()
+        payload = {"url": self.url_key, "validator": validator, "total": total}
+        tmp = self.sidecar.with_name(self.sidecar.name + ".tmp")
+        tmp.write_text(json.dumps(payload), encoding="utf-8")
+        os.replace(tmp, self.sidecar)
+
+    def digest(self) -> Any:
+        """The running sha256, re-hashing the part from disk when it is not in step with the file."""
+        if self._digest is None or self._hashed != self.size():
+            self._digest = _hash_file(self.path, self.chunk_size) if self.path.exists() else hashlib.sha256()
+            self._hashed = self.size()
+        return self._digest
+
+    def append(self, fh: Any, chunk: bytes) -> None:
+        fh.write(chunk)
+        self._digest.update(chunk)
+        self._hashed += len(chunk)
+
+    def sync(self) -> None:
+        with open(self.path, "rb+") as fh:
+            os.fsync(fh.fileno())
+
+    def publish(self) -> None:
+        self.sync()
+        os.replace(self.path, self.dest)
+        self.sidecar.unlink(missing_ok=True)
+        # The rename is only durable once the directory entry is on disk too.
+        dir_fd = os.open(self.dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    def discard(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.sidecar.unlink(missing_ok=True)
+
+
+def _copy_local(url: str, part: _PartFile, *, progress: bool) -> tuple[int, str]:
+    parts = urllib.parse.urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ConfigError("url", f"{redact_url(url)}: a file:// URL must name a local path, file:///abs/path")
+    source = Path(urllib.request.url2pathname(parts.path))
+    try:
+        src = open(source, "rb")
+    except OSError as exc:
+        raise DownloadError(f"{redact_url(url)}: cannot read {source}: {exc.strerror}") from exc
+    # A local copy is fast to redo, so it always starts from zero instead of resuming.
+    part.reset()
+    digest = part.digest()
+    with src, open(part.path, "ab") as fh:
+        with _progress_bar(part.dest.name, os.fstat(src.fileno()).st_size, 0, progress) as bar:
+            while chunk := src.read(part.chunk_size):
+                part.append(fh, chunk)
+                bar.update(len(chunk))
+    return part.size(), digest.hexdigest()
+
+
+def _fetch_with_retries(
+    url: str, part: _PartFile, *, expected_size: int | None, progress: bool, timeout: float,
+    max_retries: int, backoff: float,
+) -> tuple[int, str, int]:
+    request_url, authorization = _split_credentials(url)
+    last_error: Exception | None = None
+    for attempt in range(max_retries + 1):
+        if attempt:
+            _sleep(min(backoff * 2 ** (attempt - 1), _MAX_BACKOFF_S))
+        try:
+            return _fetch_once(request_url, authorization, part, expected_size, progress, timeout)
+        except _RetryableError as exc:
+            last_error = exc
+    kept = f" ({part.size()} bytes kept in {part.path} for the next run)" if part.size() else ""
+    raise DownloadError(
+        f"{part.url_key}: giving up after {max_retries + 1} attempt(s); last error: {last_error}{kept}"
+    )
+
+
+def _split_credentials(url: str) -> tuple[str, str | None]:
+    """Move ``user:password@`` from the URL into a Basic Authorization header value."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None:
+        return url, None
+    user = urllib.parse.unquote(parts.username)
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return redact_url(url), f"Basic {token}"
+
+
+def _fetch_once(
+    request_url: str, authorization: str | None, part: _PartFile, expected_size: int | None,
+    progress: bool, timeout: float,
+) -> tuple[int, str, int]:
+    shown = part.url_key
+    offset, validator, known_total = part.resume_point()
+    headers = {"User-Agent": _USER_AGENT, "Accept-Encoding": "identity"}
+    if offset:
+        # If-Range makes the server send the whole new file (200) if it changed since the part began.
+        headers["Range"] = f"bytes={offset}-"
+        headers["If-Range"] = validator
+    request = urllib.request.Request(request_url, headers=headers)
+    if authorization:
+        # Unredirected: a redirect to another host must not carry the credentials along.
+        request.add_unredirected_header("Authorization", authorization)
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        with exc:
+            if exc.code == 416 and offset:
+                return _finish_complete_part(part, offset, known_total, exc.headers.get("Content-Range"))
+            if exc.code >= 500:
+                raise _RetryableError(f"HTTP {exc.code} {exc.reason}") from exc
+            raise DownloadError(f"{shown}: HTTP {exc.code} {exc.reason}") from exc
+    except _NETWORK_ERRORS as exc:
+        raise _RetryableError(_describe(exc)) from exc
+
+    with response:
+        length = _int_header(response.headers.get("Content-Length"))
+        if response.status == 206 and offset:
+            start, total = _parse_content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                part.reset()
+                raise _RetryableError(f"asked for bytes from {offset}, got from {start}; starting over")
+        elif response.status == 200:
+            # Range ignored or the file changed (If-Range failed): the body is the whole file.
+            offset, total = 0, length
+            part.start(_validator(response.headers), total)
+        else:
+            raise DownloadError(f"{shown}: unexpected HTTP {response.status} {response.reason}")
+        if expected_size is not None and total is not None and total != expected_size:
+            raise DownloadError(f"{shown}: server reports {total} bytes, expected_size is {expected_size}")
+
+        digest = part.digest()
+        received = 0
+        with open(part.path, "ab") as fh, _progress_bar(part.dest.name, total, offset, progress) as bar:
+            while True:
+                try:
+                    chunk = response.read(part.chunk_size)
+                except _NETWORK_ERRORS as exc:
+                    where = f"connection lost after {offset + received} bytes"
+                    raise _RetryableError(f"{where}: {_describe(exc)}") from exc
+                if not chunk:
+                    break
+                part.append(fh, chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+
+    # http.client returns a short body without error when the peer closes early: count it ourselves.
+    if length is not None and received != length:
+        raise _RetryableError(f"connection closed after {offset + received} of {offset + length} bytes")
+    size = offset + received
+    if total is not None and size != total:
+        if size > total:
+            part.reset()
+        raise _RetryableError(f"got {size} bytes but the server announced {total}")
+    return size, digest.hexdigest(), offset
+
+
+def _finish_complete_part(
+    part: _PartFile, offset: int, known_total: int | None, content_range: str | None,
+) -> tuple[int, str, int]:
+    """A 416 answer to ``Range: bytes=N-``: fine when the part already holds the whole file."""
+    total = None
+    if content_range and content_range.startswith("bytes */"):
+        total = _int_header(content_range[len("bytes */"):])
+    if total is None or total != offset or known_total not in (None, total):
+        part.reset()
+        raise _RetryableError(
+            f"range not satisfiable: partial file has {offset} bytes, server file has {total}; starting over"
+        )
+    return offset, part.digest().hexdigest(), offset
+
+
+def _parse_content_range(value: str | None) -> tuple[int, int | None]:
+    """(start, total) from ``bytes START-END/TOTAL`` (TOTAL may be ``*``)."""
+    try:
+        unit, spec = (value or "").split(" ", 1)
+        span, total = spec.split("/", 1)
+        start = int(span.split("-", 1)[0])
+        if unit != "bytes":
+            raise ValueError(unit)
+        return start, None if total == "*" else int(total)
+    except ValueError as exc:
+        raise _RetryableError(f"bad Content-Range {value!r} in a 206 response") from exc
+
+
+def _validator(headers: Any) -> str | None:
+    # If-Range only accepts strong validators: a weak ETag (W/"...") would always fail.
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified")
+
+
+def _int_header(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, urllib.error.URLError):
+        return f"{type(exc).__name__}: {exc.reason}"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

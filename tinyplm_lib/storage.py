@@ -1,0 +1,196 @@
+"""Artifact storage: every asset value is a directory of files published atomically with a manifest.
+
+The manifest (`_manifest.json`: relative path, size and sha256 of every file) is written last; a
+directory without one is not an artifact. Loading verifies the manifest before returning a path,
+so a half-written or corrupted artifact is refused rather than trained on. Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from tinyplm_lib.errors import StorageError
+
+MANIFEST_NAME = "_manifest.json"
+MANIFEST_FORMAT = 1
+_HASH_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (memory stays flat for multi-GB files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def artifact_key(key_parts: Sequence[str], partition: str | None = None) -> str:
+    """The one place a storage path is derived from an asset key (and partition).
+
+    `["bert_stage1_cc100"]` → `bert_stage1_cc100`; `["tokens", "cc100"]`, partition `x` →
+    `tokens/cc100/partition=x`. Parts are checked so no key can escape the storage root.
+    """
+    parts = list(key_parts)
+    if partition is not None:
+        parts.append(f"partition={partition}")
+    for part in parts:
+        if not part or part in (".", "..") or "/" in part or "\\" in part or part.startswith("."):
+            raise StorageError(f"asset key part {part!r} cannot be used as a storage path")
+    return "/".join(parts)
+
+
+def build_manifest(directory: Path) -> dict:
+    """List every regular file under `directory` (except the manifest) with size and sha256."""
+    files = []
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() or p.is_symlink()):
+        rel = path.relative_to(directory).as_posix()
+        if rel == MANIFEST_NAME:
+            continue
+        if path.is_symlink():
+            raise StorageError(f"{path}: symbolic links cannot be stored as artifacts")
+        files.append({"path": rel, "size": path.stat().st_size, "sha256": sha256_file(path)})
+    return {"format": MANIFEST_FORMAT, "files": files}
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    tmp = directory / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    _fsync_file(tmp)
+    os.replace(tmp, directory / MANIFEST_NAME)
+
+
+def read_manifest(directory: Path) -> dict:
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise StorageError(
+            f"{directory}: no {MANIFEST_NAME}; the artifact was never completely written "
+            "(re-materialise the asset that produces it)"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise StorageError(f"{path}: unreadable manifest ({exc})") from exc
+    if manifest.get("format") != MANIFEST_FORMAT or not isinstance(manifest.get("files"), list):
+        raise StorageError(f"{path}: unknown manifest format {manifest.get('format')!r}")
+    return manifest
+
+
+def verify_manifest(directory: Path, manifest: dict, *, check_hashes: bool = True) -> None:
+    """Raise StorageError naming the first file that is missing, resized or altered."""
+    for entry in manifest["files"]:
+        path = directory / entry["path"]
+        if not path.is_file():
+            raise StorageError(f"{path}: listed in the manifest but missing")
+        size = path.stat().st_size
+        if size != entry["size"]:
+            raise StorageError(f"{path}: size {size} differs from the manifest's {entry['size']}")
+        if check_hashes and sha256_file(path) != entry["sha256"]:
+            raise StorageError(f"{path}: sha256 differs from the manifest (corrupted or modified)")
+
+
+def manifest_totals(manifest: dict) -> tuple[int, int]:
+    """(number of files, total bytes) of an artifact."""
+    return len(manifest["files"]), sum(entry["size"] for entry in manifest["files"])
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    """A verified artifact: where it lies and what its manifest says."""
+
+    path: Path
+    manifest: dict
+
+    @property
+    def num_files(self) -> int:
+        return manifest_totals(self.manifest)[0]
+
+    @property
+    def num_bytes(self) -> int:
+        return manifest_totals(self.manifest)[1]
+
+
+class LocalArtifactStore:
+    """Artifacts under one root directory: `<root>/<artifact_key>/` plus a manifest.
+
+    Writers build their output in `staging_dir()` (inside the root, so publishing is a rename,
+    not a copy of gigabytes) and hand it to `publish()`.
+    """
+
+    def __init__(self, root: Path, *, verify_hashes: bool = True) -> None:
+        self.root = Path(root).resolve()
+        self.verify_hashes = verify_hashes
+
+    def path_for(self, key: str) -> Path:
+        return self.root / key
+
+    def staging_dir(self, label: str) -> Path:
+        """A fresh empty directory on the same filesystem as the store."""
+        path = self.root / ".staging" / f"{label}-{uuid.uuid4().hex[:12]}"
+        path.mkdir(parents=True)
+        return path
+
+    def publish(self, key: str, source: Path) -> StoredArtifact:
+        """Move (or copy, if `source` lies elsewhere) `source` to `key`, replacing any old version.
+
+        Order matters for crash safety: the new directory is complete and carries its manifest
+        before it takes the final name; the old version is moved aside, never edited in place.
+        """
+        source = Path(source)
+        if not source.exists():
+            raise StorageError(f"{source}: nothing to store (the asset produced no files)")
+        incoming = self.root / ".incoming" / uuid.uuid4().hex
+        incoming.parent.mkdir(parents=True, exist_ok=True)
+        if source.is_file():
+            # A single-file value becomes a directory holding that file.
+            incoming.mkdir()
+            _move_or_copy(source, incoming / source.name, self.root)
+        else:
+            _move_or_copy(source, incoming, self.root)
+        manifest = build_manifest(incoming)
+        write_manifest(incoming, manifest)
+        final = self.path_for(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        trash = None
+        if final.exists():
+            trash = self.root / ".trash" / uuid.uuid4().hex
+            trash.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(final, trash)
+        os.replace(incoming, final)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return StoredArtifact(final, manifest)
+
+    def load(self, key: str) -> StoredArtifact:
+        path = self.path_for(key)
+        if not path.is_dir():
+            raise StorageError(
+                f"artifact {key!r} not found under {self.root}; materialise it first"
+            )
+        manifest = read_manifest(path)
+        verify_manifest(path, manifest, check_hashes=self.verify_hashes)
+        return StoredArtifact(path, manifest)
+
+    def exists(self, key: str) -> bool:
+        return (self.path_for(key) / MANIFEST_NAME).is_file()
+
+
+def _move_or_copy(source: Path, dest: Path, root: Path) -> None:
+    if source.resolve().is_relative_to(root):
+        os.replace(source, dest)
+    elif source.is_dir():
+        shutil.copytree(source, dest)
+    else:
+        shutil.copy2(source, dest)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
