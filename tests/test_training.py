@@ -1,0 +1,110 @@
+"""Training one stage from the library: folder contract, metrics, stage 2 from stage 1, bad settings."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import DEMO_DIR, REPO_ROOT
+from tinyplm_lib.errors import ConfigError
+from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
+from tinyplm_lib.shards import encode_corpus
+from tinyplm_lib.tokenizer import TokenizerSettings, train_tokenizer
+from tinyplm_lib.training import StageOptions, load_training_arguments, train_stage
+
+MODEL = REPO_ROOT / "configs" / "model" / "bert-demo.json"
+ARGS = REPO_ROOT / "configs" / "train" / "demo-stage1.json"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Demo JaWiki → corpus → tokenizer → shards, built with the library alone."""
+    root = tmp_path_factory.mktemp("training")
+    build_jawiki_corpus(DEMO_DIR / "demo-jawiki-cirrussearch.json.gz", root / "train.txt",
+                        root / "validation.txt", JawikiSettings(validation_fraction=0.15))
+    train_tokenizer(root / "train.txt", root / "tok",
+                    TokenizerSettings(vocab_size=2000, limit_alphabet=1500, model_max_length=64))
+    for split in ("train", "validation"):
+        encode_corpus(root / f"{split}.txt", root / "tok", root / "shards" / split)
+    return root
+
+
+def _train(data: Path, out: Path, **kwargs) -> dict:
+    options = StageOptions(model_config=MODEL, training_args=ARGS, max_seq_length=64,
+                           overrides={"max_steps": 40, "logging_steps": 10}, **kwargs)
+    return train_stage(data / "shards" / "train", data / "shards" / "validation", data / "tok", out, options)
+
+
+def test_stage_writes_a_standard_hf_folder_with_metrics(data, tmp_path):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    metrics = _train(data, tmp_path / "stage1")
+    folder = tmp_path / "stage1"
+    for name in ("model.safetensors", "config.json", "vocab.txt", "tokenizer_config.json", "metrics.json"):
+        assert (folder / name).is_file(), name
+    assert not list(folder.glob("*.bin")), "weights are safetensors, never pickles"
+    assert metrics["global_step"] == 40
+    assert [h["step"] for h in metrics["history"] if "train_loss" in h] == [10, 20, 30, 40]
+    assert metrics["eval_loss"] < metrics["untrained_eval_loss"]
+    assert metrics["perplexity"] == pytest.approx(2.718281828 ** metrics["eval_loss"], rel=1e-6)
+    assert json.loads((folder / "metrics.json").read_text())["eval_loss"] == metrics["eval_loss"]
+    model = AutoModelForMaskedLM.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    assert model.config.vocab_size == len(tokenizer)  # the embedding follows the tokenizer
+    assert model.config.hidden_size == json.loads(MODEL.read_text())["hidden_size"]
+
+
+def test_stage2_continues_from_stage1_weights(data, tmp_path):
+    stage1 = _train(data, tmp_path / "s1")
+    stage2 = _train(data, tmp_path / "s2", init_from=tmp_path / "s1")
+    # Stage 2 starts where stage 1 ended (same data here): its starting loss is stage 1's final loss.
+    assert stage2["initial_eval_loss"] == pytest.approx(stage1["eval_loss"], rel=1e-4)
+    assert stage2["initial_eval_loss"] < stage2["untrained_eval_loss"]
+
+
+def test_training_is_reproducible(data, tmp_path):
+    first = _train(data, tmp_path / "a")
+    second = _train(data, tmp_path / "b")
+    assert first["eval_loss"] == pytest.approx(second["eval_loss"], rel=1e-5)
+
+
+def test_stage2_refuses_a_different_tokenizer(data, tmp_path):
+    _train(data, tmp_path / "s1")
+    vocab = tmp_path / "s1" / "vocab.txt"
+    vocab.write_text(vocab.read_text(encoding="utf-8").replace("[unused0]", "[unusedX]"), encoding="utf-8")
+    with pytest.raises(ConfigError, match="init_from"):
+        _train(data, tmp_path / "s2", init_from=tmp_path / "s1")
+
+
+def test_model_smaller_than_vocab_is_rejected(data, tmp_path):
+    small = tmp_path / "small.json"
+    small.write_text(json.dumps({**json.loads(MODEL.read_text()), "vocab_size": 100}))
+    options = StageOptions(model_config=small, training_args=ARGS, max_seq_length=64)
+    with pytest.raises(ConfigError, match="vocab_size"):
+        train_stage(data / "shards" / "train", data / "shards" / "validation", data / "tok",
+                    tmp_path / "out", options)
+
+
+def test_run_mlm_json_is_accepted_and_unknown_keys_rejected(tmp_path):
+    legacy = tmp_path / "run_mlm.json"
+    legacy.write_text(json.dumps({"model_name_or_path": "x", "train_file": "a.txt", "line_by_line": True,
+                                  "max_seq_length": 256, "warmup_ratio": 0.08, "learning_rate": 5e-5,
+                                  "evaluation_strategy": "steps", "eval_steps": 7, "num_train_epochs": 1}))
+    args, extras = load_training_arguments(legacy, tmp_path / "out")
+    assert extras == {"max_seq_length": 256}
+    assert args.warmup_steps == 0.08 and args.get_warmup_steps(1000) == 80
+    assert str(args.eval_strategy.value) == "steps"
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"learning_rat": 1e-3}))
+    with pytest.raises(ConfigError, match="learning_rat"):
+        load_training_arguments(typo, tmp_path / "out")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"learning_rate": 1e-3,\n "seed": }')
+    with pytest.raises(ConfigError, match="line 2"):
+        load_training_arguments(bad, tmp_path / "out")
+    negative = tmp_path / "neg.json"
+    negative.write_text(json.dumps({"learning_rate": -1}))
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_training_arguments(negative, tmp_path / "out")
