@@ -1,0 +1,66 @@
+"""The code location loads: every asset, job, pool and tag the README promises is there."""
+
+from __future__ import annotations
+
+import json
+
+from dagster import AssetKey
+
+from tinyplm_assets import defs
+from tinyplm_assets.assets.models import GPU_OP_TAGS
+
+ASSETS = {
+    "cc100_ja_raw", "jawiki_raw", "cc100_ja_train", "cc100_ja_validation", "jawiki_train",
+    "jawiki_validation", "tokenizer_sample", "wordpiece_tokenizer", "cc100_ja_tokens", "jawiki_tokens",
+    "bert_stage1_cc100", "bert_stage2_jawiki",
+}
+
+
+def _graph():
+    return defs.resolve_asset_graph()
+
+
+def test_every_asset_is_defined_with_a_description_and_group():
+    graph = _graph()
+    keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
+    assert keys == ASSETS
+    for name in ASSETS:
+        node = graph.get(AssetKey(name))
+        assert node.description, f"{name} has no description"
+        assert node.group_name != "default", f"{name} is in no group"
+
+
+def test_dependencies_follow_the_pipeline():
+    graph = _graph()
+
+    def parents(name):
+        return {key.to_user_string() for key in graph.get(AssetKey(name)).parent_keys}
+
+    assert parents("cc100_ja_train") == {"cc100_ja_raw"}
+    assert parents("tokenizer_sample") == {"jawiki_train"}
+    assert parents("cc100_ja_tokens") == {"cc100_ja_train", "cc100_ja_validation", "wordpiece_tokenizer"}
+    assert parents("bert_stage1_cc100") == {"cc100_ja_tokens", "wordpiece_tokenizer"}
+    assert parents("bert_stage2_jawiki") == {"bert_stage1_cc100", "jawiki_tokens", "wordpiece_tokenizer"}
+
+
+def test_training_assets_share_the_gpu_pool_and_carry_the_gpu_request():
+    graph = _graph()
+    for name in ("bert_stage1_cc100", "bert_stage2_jawiki"):
+        node = graph.get(AssetKey(name))
+        assert node.pools == {"gpu"}
+    for name in ASSETS - {"bert_stage1_cc100", "bert_stage2_jawiki"}:
+        assert not graph.get(AssetKey(name)).pools
+    job = defs.resolve_job_def("train_models")
+    k8s = json.loads(job.tags["dagster-k8s/config"])
+    assert k8s["container_config"]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert GPU_OP_TAGS["tinyplm/gpu"] == job.tags["tinyplm/gpu"] == "1"
+
+
+def test_jobs_cover_the_graph():
+    def selected(job_name):
+        job = defs.resolve_job_def(job_name)
+        return {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
+
+    assert selected("pretrain_all") == ASSETS
+    assert selected("train_models") == {"bert_stage1_cc100", "bert_stage2_jawiki"}
+    assert selected("prepare_data") == ASSETS - {"bert_stage1_cc100", "bert_stage2_jawiki"}

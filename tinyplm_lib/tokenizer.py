@@ -1,0 +1,352 @@
+"""The MeCab + WordPiece tokenizer: seeded training sample, training, and loading.
+
+The recipe is the original's (NFKC, MeCab with unidic-lite, WordPiece with a `##` prefix, five
+specials plus unused slots), but MeCab runs in a process pool outside the trainer, and the result is
+a folder that `AutoTokenizer.from_pretrained` loads offline as `BertJapaneseTokenizer`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+import time
+from array import array
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tinyplm_lib.encoding import (
+    CONFIG_FILE,
+    MISSING_HINT,
+    UNK_TOKEN,
+    VOCAB_FILE,
+    WORDPIECE_FILE,
+    MecabSegmenter,
+    map_in_order,
+)
+from tinyplm_lib.errors import ConfigError, InputError
+from tinyplm_lib.storage import sha256_file
+
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+INFO_FILE = "tinyplm_tokenizer.json"
+MAX_VOCAB_SIZE = 65536  # token shards store ids as uint16
+SEGMENT_CHUNK_LINES = 2000  # lines per pool task: large enough that pickling is a small overhead
+
+
+@dataclass(frozen=True)
+class TokenizerSettings:
+    """Settings of the tokenizer recipe; the defaults are the original's."""
+
+    vocab_size: int = 32768  # tokens asked for, specials included; a small corpus may give fewer
+    limit_alphabet: int = 6129  # most frequent characters kept as the initial alphabet
+    min_frequency: int = 2  # a merge must occur at least this often
+    num_unused: int = 10  # [unused0]..[unusedN-1] after the five specials
+    model_max_length: int = 512  # written to tokenizer_config.json
+    sample_size: int = 10_000_000  # training lines drawn from the corpus
+    seed: int = 42  # seed of the training sample
+
+    def validate(self) -> None:
+        reserved = len(SPECIAL_TOKENS) + self.num_unused
+        if self.num_unused < 0:
+            raise ConfigError("num_unused", f"must be >= 0, got {self.num_unused}")
+        if not reserved < self.vocab_size <= MAX_VOCAB_SIZE:
+            raise ConfigError("vocab_size", f"must be in ({reserved}, {MAX_VOCAB_SIZE}] (specials + "
+                              f"unused = {reserved}; shards store uint16), got {self.vocab_size}")
+        # Alphabet and its `##` forms enter the vocabulary whatever vocab_size says.
+        if not 1 <= self.limit_alphabet <= (MAX_VOCAB_SIZE - reserved) // 2:
+            raise ConfigError("limit_alphabet", f"must be in [1, {(MAX_VOCAB_SIZE - reserved) // 2}] "
+                              f"so alphabet + ## alphabet fit uint16 ids, got {self.limit_alphabet}")
+        if self.min_frequency < 0:
+            raise ConfigError("min_frequency", f"must be >= 0, got {self.min_frequency}")
+        if self.model_max_length < 2:
+            raise ConfigError("model_max_length", f"must be >= 2, got {self.model_max_length}")
+        if self.sample_size < 1:
+            raise ConfigError("sample_size", f"must be >= 1, got {self.sample_size}")
+        if self.seed < 0:
+            raise ConfigError("seed", f"must be >= 0, got {self.seed}")
+
+    def all_special_tokens(self) -> list[str]:
+        return list(SPECIAL_TOKENS) + [f"[unused{i}]" for i in range(self.num_unused)]
+
+
+def sample_sentences(corpus_path: Path, out_path: Path, sample_size: int, seed: int) -> int:
+    """Write a seeded uniform sample of the non-empty lines of `corpus_path`, in corpus order.
+
+    One pass, reservoir sampling (Algorithm R with `random.Random(seed)`): memory holds only the
+    sample, as raw bytes plus an int64 line number each. Peak: 265 bytes per line on real JaWiki
+    sentences (59 characters on average, measured with tracemalloc), so ~2.6 GB for the
+    original's 10M lines. Returns the number of lines written.
+    """
+    if sample_size < 1:
+        raise ConfigError("sample_size", f"must be >= 1, got {sample_size}")
+    corpus_path, out_path = Path(corpus_path), Path(out_path)
+    rng = random.Random(seed)
+    lines: list[bytes] = []
+    line_numbers = array("q")
+    seen = 0
+    with open(corpus_path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            line = raw.rstrip(b"\r\n")
+            if not line.strip():
+                continue
+            if seen < sample_size:
+                lines.append(line)
+                line_numbers.append(line_number)
+            else:
+                slot = rng.randrange(seen + 1)
+                if slot < sample_size:
+                    lines[slot] = line
+                    line_numbers[slot] = line_number
+            seen += 1
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(tmp, "wb") as out:
+            for slot in np.argsort(np.frombuffer(line_numbers, dtype=np.int64), kind="stable").tolist():
+                try:
+                    lines[slot].decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InputError(corpus_path, f"not UTF-8 ({exc.reason})",
+                                     line=line_numbers[slot]) from None
+                out.write(lines[slot] + b"\n")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return len(lines)
+
+
+_worker_segmenter: MecabSegmenter | None = None
+# The first character of every word, with the space before it: what remains is the word[1:]s.
+_WORD_START = re.compile(r"(?:^| ).")
+
+
+def _init_segment_worker() -> None:
+    global _worker_segmenter
+    _worker_segmenter = MecabSegmenter()
+
+
+def _segment_chunk(lines: list[str]) -> list[str]:
+    assert _worker_segmenter is not None
+    return [_worker_segmenter.segment(line) for line in lines]
+
+
+def _segment_chunk_with_counts(lines: list[str]) -> tuple[list[str], Counter, set[str]]:
+    """Segmented lines, their character counts and the characters seen after a word's first.
+
+    Counted in the worker: in the parent these counts cost a third of the MeCab time (0.33 s
+    against 0.99 s for 20,000 real lines), enough to starve a large pool.
+    """
+    segmented = _segment_chunk(lines)
+    text = " ".join(words for words in segmented if words)
+    counts = Counter(text)
+    counts.pop(" ", None)
+    return segmented, counts, set(_WORD_START.sub("", text))
+
+
+def _chunked(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for line in lines:
+        chunk.append(line)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def segment_lines(lines: Iterable[str], workers: int = 1) -> Iterator[str]:
+    """NFKC + MeCab surface forms joined by spaces, one output per input line, in order.
+
+    With `workers > 1`, chunks of lines go to a process pool (`map_in_order`), streaming.
+    """
+    if workers < 1:
+        raise ConfigError("workers", f"must be >= 1, got {workers}")
+    chunks = _chunked(lines, SEGMENT_CHUNK_LINES)
+    results = map_in_order(_segment_chunk, chunks, workers=workers, initializer=_init_segment_worker)
+    for segmented in results:
+        yield from segmented
+
+
+def _read_sample(sample_path: Path, stats: dict) -> Iterator[str]:
+    with open(sample_path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as exc:
+                raise InputError(sample_path, f"not UTF-8 ({exc.reason})", line=line_number) from None
+            stats["lines"] += 1
+            stats["chars"] += len(line)
+            yield line
+
+
+class _SegmentedSample:
+    """The segmented sample, on disk for the trainer, with what a deterministic run needs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.words = 0
+        self.char_counts: Counter[str] = Counter()
+        self.non_initial: set[str] = set()
+
+    def write(self, lines: Iterable[str], workers: int) -> None:
+        chunks = _chunked(lines, SEGMENT_CHUNK_LINES)
+        results = map_in_order(_segment_chunk_with_counts, chunks, workers=workers,
+                               initializer=_init_segment_worker)
+        with open(self.path, "w", encoding="utf-8") as out:
+            for segmented, counts, non_initial in results:
+                for words in segmented:
+                    if words:
+                        out.write(words + "\n")
+                        self.words += words.count(" ") + 1
+                self.char_counts.update(counts)
+                self.non_initial.update(non_initial)
+
+    def alphabet(self, limit: int) -> list[str]:
+        """The `limit` most frequent characters, ties broken by code point, in code point order."""
+        ranked = sorted(self.char_counts, key=lambda c: (-self.char_counts[c], ord(c)))
+        return sorted(ranked[:limit], key=ord)
+
+
+def _new_wordpiece(vocab: dict[str, int] | None = None):
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+    # max_input_chars_per_word=100 is BertJapaneseTokenizer's WordpieceTokenizer default.
+    tokenizer = Tokenizer(models.WordPiece(vocab, unk_token=UNK_TOKEN, continuing_subword_prefix="##",
+                                           max_input_chars_per_word=100))
+    tokenizer.normalizer = normalizers.NFKC()  # no lowercasing: Japanese has no case to fold
+    # MeCab already split the words: a WhitespaceSplit keeps "(" "1928" apart exactly as MeCab
+    # did; the default BERT pre-tokenizer re-splits punctuation and gave equal ids on only 87.5%
+    # of sentences (NOTES.md).
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    return tokenizer
+
+
+def _train_deterministic(sample: _SegmentedSample, settings: TokenizerSettings) -> list[str]:
+    """Run the WordPiece trainer so that the same sample always gives the same vocabulary.
+
+    Left alone, tokenizers 0.23 numbers the `##c` tokens in hash-map order, which differs from
+    process to process, and breaks ties between equally frequent merges by those numbers: two
+    trainings on the same 8,000 real sentences gave vocabularies that differed in order and in 2
+    tokens. Handing the trainer its alphabet (`initial_alphabet`, ties broken by code point) and
+    every `##c` up front, in code point order, fixes every number before the first merge.
+    Returns the vocabulary in id order: specials, alphabet, `##` alphabet, merges in order.
+    """
+    from tokenizers import trainers
+
+    specials = settings.all_special_tokens()
+    alphabet = sample.alphabet(settings.limit_alphabet)
+    continuation = ["##" + c for c in sorted(sample.non_initial.intersection(alphabet), key=ord)]
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=settings.vocab_size, min_frequency=settings.min_frequency, show_progress=False,
+        special_tokens=specials + continuation, initial_alphabet=alphabet,
+        limit_alphabet=len(alphabet), continuing_subword_prefix="##",
+    )
+    wordpiece = _new_wordpiece()
+    wordpiece.train([str(sample.path)], trainer=trainer)
+    vocab = wordpiece.get_vocab(with_added_tokens=False)
+    by_id = sorted(vocab, key=vocab.__getitem__)
+    assert [vocab[t] for t in by_id] == list(range(len(by_id))), "trainer ids are not contiguous"
+    first = specials + alphabet + continuation
+    assert set(first) <= vocab.keys(), "trainer dropped part of the given alphabet"
+    taken = set(first)
+    return first + [t for t in by_id if t not in taken]
+
+
+def train_tokenizer(sample_path: Path, out_dir: Path, settings: TokenizerSettings,
+                    workers: int = 1) -> dict:
+    """Train WordPiece on the MeCab-segmented sample and save a loadable tokenizer folder.
+
+    `out_dir` gets `vocab.txt` + `tokenizer_config.json` (BertJapaneseTokenizer), `wordpiece.json`
+    (the `tokenizers` model, for FastEncoder) and `tinyplm_tokenizer.json` (settings and counts).
+    The folder is built beside `out_dir` and renamed into place; the same sample and settings
+    give byte-identical files. Returns counts and timings.
+    """
+    from transformers import BertJapaneseTokenizer
+
+    settings.validate()
+    sample_path, out_dir = Path(sample_path), Path(out_dir)
+    if not sample_path.is_file():
+        raise InputError(sample_path, "training sample not found")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    build = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    if build.exists():
+        shutil.rmtree(build)
+    build.mkdir()
+    try:
+        # MeCab runs once, in the pool; its output waits on disk (about 3 bytes per character)
+        # while the Rust trainer reads it back with its own threads.
+        stats = {"lines": 0, "chars": 0}
+        sample = _SegmentedSample(build / "segmented.txt")
+        started = time.perf_counter()
+        sample.write(_read_sample(sample_path, stats), workers)
+        segmented_at = time.perf_counter()
+        if sample.words == 0:
+            raise InputError(sample_path, "the training sample holds no words")
+        tokens = _train_deterministic(sample, settings)
+        finished = time.perf_counter()
+        sample.path.unlink()
+
+        specials = settings.all_special_tokens()
+        (build / VOCAB_FILE).write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+        fast = _new_wordpiece({t: i for i, t in enumerate(tokens)})
+        fast.add_special_tokens(specials)
+        fast.save(str(build / WORDPIECE_FILE))
+        hf_tokenizer = BertJapaneseTokenizer(
+            str(build / VOCAB_FILE), do_lower_case=False, word_tokenizer_type="mecab",
+            subword_tokenizer_type="wordpiece", mecab_kwargs={"mecab_dic": "unidic_lite"},
+            model_max_length=settings.model_max_length,
+            # As extra special tokens the unused slots are protected from MeCab like [MASK] is.
+            extra_special_tokens=specials[len(SPECIAL_TOKENS):],
+        )
+        hf_tokenizer.save_pretrained(str(build))
+        info = {
+            "settings": asdict(settings),
+            "vocab_size": len(tokens),
+            "requested_vocab_size": settings.vocab_size,
+            "alphabet_size": sum(1 for t in tokens[len(specials):] if len(t) == 1),
+            "continuation_tokens": sum(t.startswith("##") for t in tokens),
+            "sample_lines": stats["lines"],
+            "sample_chars": stats["chars"],
+            "sample_words": sample.words,
+            "distinct_chars": len(sample.char_counts),
+            "files_sha256": {p.name: sha256_file(p) for p in sorted(build.iterdir()) if p.is_file()},
+        }
+        # Only deterministic fields go to disk, so two identical trainings give identical folders.
+        info_text = json.dumps(info, indent=1, ensure_ascii=False) + "\n"
+        (build / INFO_FILE).write_text(info_text, encoding="utf-8")
+        _replace_dir(build, out_dir)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    return {**info, "segment_seconds": round(segmented_at - started, 3),
+            "train_seconds": round(finished - segmented_at, 3), "workers": workers}
+
+
+def _replace_dir(build: Path, out_dir: Path) -> None:
+    """Move the finished folder into place, replacing an earlier tokenizer folder only."""
+    if out_dir.exists():
+        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / CONFIG_FILE).exists()):
+            raise InputError(out_dir, "exists and is not a tokenizer folder; refusing to replace it")
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+        os.replace(build, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(build, out_dir)
+
+
+def load_tokenizer(tokenizer_dir: Path):
+    """The saved folder as a `BertJapaneseTokenizer`, offline (no Hub lookup for a local path)."""
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = Path(tokenizer_dir)
+    if not (tokenizer_dir / CONFIG_FILE).is_file():
+        raise InputError(tokenizer_dir / CONFIG_FILE, MISSING_HINT)
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
