@@ -314,7 +314,7 @@ def _autocast(device: torch.device, args: TrainingArguments):
 
 
 def _eval_due(args: TrainingArguments, step: int, total_steps: int) -> bool:
-    if str(args.eval_strategy.value if hasattr(args.eval_strategy, "value") else args.eval_strategy) != "steps":
+    if args.eval_strategy != "steps":  # IntervalStrategy is a str enum
         return False
     every = args.eval_steps or args.logging_steps
     every = int(every * total_steps) if every < 1 else int(every)
