@@ -6,9 +6,9 @@ from dagster import Definitions, load_assets_from_modules
 
 from tinyplm_assets import jobs
 from tinyplm_assets.assets import corpora, models, sources, tokenizer, tokens
-from tinyplm_assets.resources import ArtifactIOManager, ArtifactStorage
+from tinyplm_assets.resources import ArtifactIOManager, storage_from_env
 
-storage = ArtifactStorage()
+storage = storage_from_env()
 
 defs = Definitions(
     assets=load_assets_from_modules([sources, corpora, tokenizer, tokens, models]),

@@ -1,6 +1,6 @@
 """Print the stored, verified folder of an asset: `python -m tinyplm_assets.locate bert_stage2_jawiki`.
 
-Reads the same storage settings as the code location (`TINYPLM_HOME`); exits non-zero with the
+Reads the same storage settings as the code location (`TINYPLM_HOME`, `TINYPLM_S3_*`); exits non-zero with the
 reason when the artifact is missing or fails its manifest check.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from tinyplm_assets.resources import ArtifactStorage
+from tinyplm_assets.resources import storage_from_env
 from tinyplm_lib.errors import StorageError
 from tinyplm_lib.storage import artifact_key
 
@@ -18,7 +18,7 @@ def main(argv: list[str]) -> int:
         print("usage: python -m tinyplm_assets.locate ASSET_NAME", file=sys.stderr)
         return 2
     try:
-        stored = ArtifactStorage().store().load(artifact_key(argv[0].split("/")))
+        stored = storage_from_env(resolve=True).store().load(artifact_key(argv[0].split("/")))
     except StorageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,8 +1,11 @@
 """Resources: where artifacts live, and the IO manager that stores every asset value there.
 
-Environment variables are read here and nowhere else: `TINYPLM_HOME` (artifact root, default
-`<project>/.tinyplm`). The IO manager stores directories, never pickles: an asset returns the
-path of a finished staging directory and downstream assets receive the verified stored path.
+Environment variables are read here and nowhere else: `TINYPLM_HOME` (local root, default
+`<project>/.tinyplm`) and, to store on S3, `TINYPLM_S3_BUCKET`, `TINYPLM_S3_PREFIX`,
+`TINYPLM_S3_ENDPOINT_URL`, `TINYPLM_S3_REGION` (through `EnvVar`). Credentials are never part of
+the configuration: boto3 finds them itself (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile,
+an instance role). The IO manager stores directories, never pickles: an asset returns the path of
+a finished staging directory and downstream assets receive the verified stored path.
 """
 
 from __future__ import annotations
@@ -12,10 +15,21 @@ import json
 import os
 from pathlib import Path
 
-from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, MetadataValue, OutputContext
+from typing import Optional
+
+from dagster import (
+    ConfigurableIOManager,
+    ConfigurableResource,
+    EnvVar,
+    InputContext,
+    MetadataValue,
+    OutputContext,
+)
+from dagster_aws.s3 import S3Resource
+from pydantic import Field
 
 from tinyplm_lib.errors import StorageError
-from tinyplm_lib.storage import LocalArtifactStore, StoredArtifact, artifact_key
+from tinyplm_lib.storage import ArtifactStore, LocalArtifactStore, StoredArtifact, artifact_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,14 +38,39 @@ def default_home() -> str:
     return os.environ.get("TINYPLM_HOME", str(PROJECT_ROOT / ".tinyplm"))
 
 
+# Settings that switch storage to S3, by the environment variable that fills each.
+S3_SETTINGS_FROM_ENV = {
+    "s3_bucket": "TINYPLM_S3_BUCKET",
+    "s3_prefix": "TINYPLM_S3_PREFIX",
+    "s3_endpoint_url": "TINYPLM_S3_ENDPOINT_URL",
+    "s3_region": "TINYPLM_S3_REGION",
+}
+
+
 class ArtifactStorage(ConfigurableResource):
-    """The artifact store: `<home>/artifacts/<asset key>/` with a manifest per artifact."""
+    """The artifact store: `<home>/artifacts/<asset key>/`, or S3 with that tree as its cache."""
 
-    home: str = default_home()
-    verify_hashes: bool = True  # re-hash every file on load; size checks alone when False
+    home: str = Field(default_factory=default_home, description="local root: artifacts (or S3 cache), downloads")
+    verify_hashes: bool = Field(default=True, description="re-hash files on load; size checks alone when False")
+    s3_bucket: Optional[str] = Field(default=None, description="store on S3 in this bucket; None = local")
+    s3_prefix: str = Field(default="tinyplm", description="key prefix inside the bucket")
+    s3_endpoint_url: Optional[str] = Field(default=None, description="S3-compatible endpoint (MinIO, …)")
+    s3_region: Optional[str] = None
+    s3_max_attempts: int = Field(default=5, description="attempts per S3 request before failing")
 
-    def store(self) -> LocalArtifactStore:
-        return LocalArtifactStore(Path(self.home) / "artifacts", verify_hashes=self.verify_hashes)
+    def store(self) -> ArtifactStore:
+        root = Path(self.home) / "artifacts"
+        if not self.s3_bucket:
+            return LocalArtifactStore(root, verify_hashes=self.verify_hashes)
+        from tinyplm_lib.s3_store import S3ArtifactStore
+
+        return S3ArtifactStore(root, self.s3_client(), self.s3_bucket, self.s3_prefix,
+                               verify_hashes=self.verify_hashes)
+
+    def s3_client(self):
+        """A boto3 S3 client from dagster-aws's S3Resource, with this resource's endpoint and region."""
+        return S3Resource(endpoint_url=self.s3_endpoint_url, region_name=self.s3_region,
+                          max_attempts=self.s3_max_attempts).get_client()
 
     def staging_dir(self, label: str) -> Path:
         """An empty directory on the store's filesystem, for an asset to write its value into."""
@@ -75,3 +114,14 @@ def _metadata(stored: StoredArtifact) -> dict:
         "bytes": stored.num_bytes,
         "manifest_sha256": manifest_digest,
     }
+
+
+def storage_from_env(resolve: bool = False) -> ArtifactStorage:
+    """The storage resource as the environment sets it: S3 when TINYPLM_S3_BUCKET is set.
+
+    In a code location the values stay `EnvVar`s (resolved per run, shown by name in the UI);
+    `resolve=True` reads them now, for plain scripts such as `tinyplm_assets.locate`.
+    """
+    settings = {field: os.environ[var] if resolve else EnvVar(var)
+                for field, var in S3_SETTINGS_FROM_ENV.items() if os.environ.get(var)}
+    return ArtifactStorage(**settings)

@@ -117,11 +117,13 @@ class StoredArtifact:
         return manifest_totals(self.manifest)[1]
 
 
-class LocalArtifactStore:
-    """Artifacts under one root directory: `<root>/<artifact_key>/` plus a manifest.
+class ArtifactStore:
+    """Artifacts by key, published atomically with a manifest; subclasses decide where bytes live.
 
-    Writers build their output in `staging_dir()` (inside the root, so publishing is a rename,
-    not a copy of gigabytes) and hand it to `publish()`.
+    Every store keeps a local directory tree, `<root>/<artifact_key>/`: the artifacts themselves
+    for `LocalArtifactStore`, a verified cache of the bucket for `S3ArtifactStore`. Writers build
+    their output in `staging_dir()` (inside the root, so publishing is a rename, not a copy of
+    gigabytes) and hand it to `publish()`.
     """
 
     def __init__(self, root: Path, *, verify_hashes: bool = True) -> None:
@@ -138,11 +140,36 @@ class LocalArtifactStore:
         return path
 
     def publish(self, key: str, source: Path) -> StoredArtifact:
-        """Move (or copy, if `source` lies elsewhere) `source` to `key`, replacing any old version.
+        """Store `source` (moved if it lies in the root, else copied) as `key`, replacing any old version."""
+        incoming, manifest = self._prepare(source)
+        self._commit(key, incoming, manifest)
+        return StoredArtifact(self._install(key, incoming), manifest)
 
-        Order matters for crash safety: the new directory is complete and carries its manifest
-        before it takes the final name; the old version is moved aside, never edited in place.
-        """
+    def load(self, key: str) -> StoredArtifact:
+        """A local, verified copy of `key`; StorageError says what is missing or wrong."""
+        raise NotImplementedError
+
+    def exists(self, key: str) -> bool:
+        raise NotImplementedError
+
+    def keys(self, prefix: str) -> list[str]:
+        """Keys of the complete artifacts (those with a manifest) under `prefix/`, sorted."""
+        raise NotImplementedError
+
+    def delete(self, key: str) -> None:
+        """Remove an artifact; a missing one is not an error."""
+        shutil.rmtree(self.path_for(key), ignore_errors=True)
+
+    def describe(self, key: str) -> str:
+        """Where `key` lives, for messages and metadata (never with credentials)."""
+        return str(self.path_for(key))
+
+    # -- where bytes go: the one thing subclasses change ------------------------------------
+    def _commit(self, key: str, incoming: Path, manifest: dict) -> None:
+        """Make the complete, manifested `incoming` directory durable as `key`."""
+
+    # -- shared steps ------------------------------------------------------------------------
+    def _prepare(self, source: Path) -> tuple[Path, dict]:
         source = Path(source)
         if not source.exists():
             raise StorageError(f"{source}: nothing to store (the asset produced no files)")
@@ -156,6 +183,14 @@ class LocalArtifactStore:
             _move_or_copy(source, incoming, self.root)
         manifest = build_manifest(incoming)
         write_manifest(incoming, manifest)
+        return incoming, manifest
+
+    def _install(self, key: str, incoming: Path) -> Path:
+        """Give the complete `incoming` directory its final local name, replacing the old one.
+
+        The old version is moved aside, never edited in place, so a crash leaves either the old
+        or the new complete directory (or none), never a mixture.
+        """
         final = self.path_for(key)
         final.parent.mkdir(parents=True, exist_ok=True)
         trash = None
@@ -166,7 +201,17 @@ class LocalArtifactStore:
         os.replace(incoming, final)
         if trash is not None:
             shutil.rmtree(trash, ignore_errors=True)
-        return StoredArtifact(final, manifest)
+        return final
+
+    def _local_keys(self, prefix: str) -> list[str]:
+        base = self.path_for(prefix)
+        if not base.is_dir():
+            return []
+        return sorted(m.parent.relative_to(self.root).as_posix() for m in base.rglob(MANIFEST_NAME))
+
+
+class LocalArtifactStore(ArtifactStore):
+    """Artifacts under one local root directory: `<root>/<artifact_key>/` plus a manifest."""
 
     def load(self, key: str) -> StoredArtifact:
         path = self.path_for(key)
@@ -180,6 +225,9 @@ class LocalArtifactStore:
 
     def exists(self, key: str) -> bool:
         return (self.path_for(key) / MANIFEST_NAME).is_file()
+
+    def keys(self, prefix: str) -> list[str]:
+        return self._local_keys(prefix)
 
 
 def _move_or_copy(source: Path, dest: Path, root: Path) -> None:
