@@ -80,7 +80,7 @@ def test_redact_url_strips_credentials() -> None:
 
 @pytest.mark.parametrize(
     ("url", "match"),
-    [("s3://bucket/ja.txt.xz", "not supported yet"), ("ftp://host/ja.txt.xz", "unsupported scheme 'ftp'")],
+    [("ftp://host/ja.txt.xz", "unsupported scheme 'ftp'"), ("gopher://host/x", "unsupported scheme 'gopher'")],
 )
 def test_unsupported_scheme_is_a_config_error(url: str, match: str, dest: Path) -> None:
     with pytest.raises(ConfigError, match=match) as info:

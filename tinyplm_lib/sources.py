@@ -1,8 +1,9 @@
-"""Download corpus files from ``http://``, ``https://`` and ``file://`` URLs, resumably.
+"""Download corpus files from ``http://``, ``https://``, ``file://`` and ``s3://`` URLs, resumably.
 
 Bytes stream to ``<dest>.part`` and are hashed on the way; an interrupted download resumes with an
-HTTP ``Range`` request guarded by ``If-Range``, and the finished file is fsynced and renamed to
-``dest``. ``download("https://data.statmt.org/cc-100/ja.txt.xz", Path("raw/ja.txt.xz"))``
+HTTP ``Range`` request guarded by ``If-Range`` (S3: ``Range`` plus ``IfMatch`` on the recorded
+ETag), and the finished file is fsynced and renamed to ``dest``.
+``download("https://data.statmt.org/cc-100/ja.txt.xz", Path("raw/ja.txt.xz"))``
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -86,12 +87,19 @@ def download(
     max_retries: int = 5,
     backoff: float = 1.0,
     chunk_size: int = 1 << 20,
+    s3_client: Any = None,
 ) -> DownloadResult:
     """Fetch ``url`` into ``dest`` unless ``dest`` already holds it; safe to re-run after a crash.
 
     An existing ``dest`` is kept when it matches ``expected_sha256``/``expected_size`` (or when none
     is given). ``timeout`` is per socket operation in seconds; up to ``max_retries`` further
     attempts follow connection errors, timeouts and 5xx answers, waiting ``backoff * 2**k`` seconds.
+
+    ``s3://bucket/key`` URLs (the key taken literally, as the AWS CLI does) are read with
+    ``s3_client``, a boto3 S3 client. Without one, ``boto3.client("s3")`` is built from the
+    environment (credentials, ``AWS_ENDPOINT_URL_S3``, region) with ``timeout`` and botocore's own
+    retries turned off, so that ``max_retries``/``backoff`` alone decide; a client passed in keeps
+    its own timeouts and retry settings, which then apply within each of our attempts.
     """
     dest = Path(dest)
     shown = redact_url(url)
@@ -100,10 +108,11 @@ def download(
         timeout=timeout, max_retries=max_retries, backoff=backoff, chunk_size=chunk_size,
     )
     scheme = urllib.parse.urlsplit(url).scheme.lower()
-    if scheme == "s3":
-        raise ConfigError("url", f"{shown}: s3:// sources are not supported yet; use http(s):// or file://")
-    if scheme not in ("http", "https", "file"):
-        raise ConfigError("url", f"{shown}: unsupported scheme {scheme!r}; use http://, https:// or file://")
+    if scheme not in ("http", "https", "file", "s3"):
+        raise ConfigError(
+            "url", f"{shown}: unsupported scheme {scheme!r}; use http://, https://, file:// or s3://"
+        )
+    s3_location = _parse_s3_url(url) if scheme == "s3" else None
 
     # A wrong size rules the file out without reading it (hashing cc100 means reading 15 GB).
     if dest.is_file() and expected_size in (None, dest.stat().st_size):
@@ -116,6 +125,12 @@ def download(
     if scheme == "file":
         size, digest = _copy_local(url, part, progress=progress)
         resumed_from = 0
+    elif s3_location is not None:
+        source = _S3Source(*s3_location, shown=shown, client=s3_client, timeout=timeout)
+        size, digest, resumed_from = _retry(
+            lambda: source.fetch_once(part, expected_size, progress), part,
+            max_retries=max_retries, backoff=backoff, scrub=source.scrub,
+        )
     else:
         size, digest, resumed_from = _fetch_with_retries(
             url, part, expected_size=expected_size, progress=progress, timeout=timeout,
@@ -268,18 +283,29 @@ def _fetch_with_retries(
     max_retries: int, backoff: float,
 ) -> tuple[int, str, int]:
     request_url, authorization = _split_credentials(url)
+    return _retry(
+        lambda: _fetch_once(request_url, authorization, part, expected_size, progress, timeout), part,
+        max_retries=max_retries, backoff=backoff,
+    )
+
+
+def _retry(
+    fetch_once: Callable[[], tuple[int, str, int]], part: _PartFile, *, max_retries: int, backoff: float,
+    scrub: Callable[[str], str] = lambda text: text,
+) -> tuple[int, str, int]:
+    """``fetch_once()`` until it stops raising _RetryableError, at most ``max_retries + 1`` times."""
     last_error: Exception | None = None
     for attempt in range(max_retries + 1):
         if attempt:
             _sleep(min(backoff * 2 ** (attempt - 1), _MAX_BACKOFF_S))
         try:
-            return _fetch_once(request_url, authorization, part, expected_size, progress, timeout)
+            return fetch_once()
         except _RetryableError as exc:
             last_error = exc
     kept = f" ({part.size()} bytes kept in {part.path} for the next run)" if part.size() else ""
-    raise DownloadError(
+    raise DownloadError(scrub(
         f"{part.url_key}: giving up after {max_retries + 1} attempt(s); last error: {last_error}{kept}"
-    )
+    ))
 
 
 def _split_credentials(url: str) -> tuple[str, str | None]:
@@ -409,3 +435,178 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, urllib.error.URLError):
         return f"{type(exc).__name__}: {exc.reason}"
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+# -- s3:// ----------------------------------------------------------------------------------------
+
+# Error codes S3 sends with a non-5xx status that still mean "try again later".
+_S3_RETRYABLE_CODES = frozenset({"RequestTimeout", "SlowDown", "Throttling", "ThrottlingException"})
+
+
+def _parse_s3_url(url: str) -> tuple[str, str]:
+    """(bucket, key) from ``s3://bucket/key``; the key is taken literally (no percent-decoding)."""
+    shown = redact_url(url)
+    bucket, _, key = url.split("://", 1)[1].partition("/")
+    if "@" in bucket:
+        raise ConfigError(
+            "url", f"{shown}: credentials do not belong in an s3:// URL; use the environment or the S3 resource"
+        )
+    if not bucket or not key or key.endswith("/"):
+        raise ConfigError("url", f"{shown}: an s3:// URL must name one object, s3://bucket/key")
+    return bucket, key
+
+
+class _S3Changed(Exception):
+    """A ranged, ETag-guarded request was refused (412 or 416): the part cannot be resumed."""
+
+
+class _S3Source:
+    """One S3 object read through a boto3 client, with botocore's errors sorted into ours.
+
+    Every message this class builds goes through :meth:`scrub`, which blanks the client's (and the
+    environment's) access key, secret and session token should a server ever echo one back.
+    """
+
+    def __init__(self, bucket: str, key: str, *, shown: str, client: Any, timeout: float) -> None:
+        import botocore.exceptions as bex  # lazily: boto3 is only needed for s3:// sources
+
+        self.bucket, self.key, self.shown = bucket, key, shown
+        self._bex = bex
+        # Worth another attempt: refused/reset/closed connections, timeouts, short or broken bodies.
+        self._transient = (
+            bex.ConnectionError, bex.HTTPClientError, bex.IncompleteReadError, OSError, http.client.HTTPException,
+        )
+        self._secrets: tuple[str, ...] | None = None
+        self.client = client
+        if client is None:
+            try:
+                self.client = self._default_client(timeout)
+            except bex.BotoCoreError as exc:
+                raise self.error(f"cannot create an S3 client: {_describe(exc)}") from self.cause(exc)
+
+    @staticmethod
+    def _default_client(timeout: float) -> Any:
+        import boto3
+        from botocore.config import Config
+
+        # One HTTP attempt per call: our own loop does the retrying, with the caller's backoff.
+        config = Config(connect_timeout=timeout, read_timeout=timeout, retries={"total_max_attempts": 1})
+        return boto3.client("s3", config=config)
+
+    # -- messages --------------------------------------------------------------------------------
+
+    def scrub(self, text: str) -> str:
+        if self._secrets is None:
+            names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+            found = [os.environ.get(name) for name in names]
+            try:
+                creds = self.client._request_signer._credentials  # private, so best effort
+                frozen = creds.get_frozen_credentials() if creds is not None else None
+                if frozen is not None:
+                    found += [frozen.access_key, frozen.secret_key, frozen.token]
+            except Exception:  # noqa: BLE001 - a client without the attribute simply has nothing to add
+                pass
+            # Longest first, so a secret that contains another is blanked whole.
+            self._secrets = tuple(sorted({s for s in found if s and len(s) >= 4}, key=len, reverse=True))
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
+
+    def error(self, message: str) -> DownloadError:
+        return DownloadError(self.scrub(f"{self.shown}: {message}"))
+
+    def retryable(self, message: str) -> _RetryableError:
+        return _RetryableError(self.scrub(message))
+
+    def cause(self, exc: BaseException) -> BaseException | None:
+        """``exc`` to chain to, or None (chain nothing) when its text shows a secret."""
+        return exc if self.scrub(str(exc)) == str(exc) else None
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def call(self, operation: str, **params: Any) -> dict[str, Any]:
+        """``client.<operation>(Bucket=..., Key=..., **params)`` with errors sorted into ours."""
+        bex = self._bex
+        try:
+            return getattr(self.client, operation)(Bucket=self.bucket, Key=self.key, **params)
+        except bex.ClientError as exc:
+            error = exc.response.get("Error") or {}
+            status = (exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode") or 0
+            code = str(error.get("Code") or status)
+            what = f"{code} (HTTP {status})" + (f": {error['Message']}" if error.get("Message") else "")
+            if "IfMatch" in params and (status in (412, 416) or code in ("PreconditionFailed", "InvalidRange")):
+                raise _S3Changed(what) from None
+            if status >= 500 or code in _S3_RETRYABLE_CODES:
+                raise self.retryable(what) from self.cause(exc)
+            # NoSuchKey, NoSuchBucket, AccessDenied, InvalidAccessKeyId, ...: another try won't help.
+            raise self.error(what) from self.cause(exc)
+        except self._transient as exc:
+            raise self.retryable(_describe(exc)) from self.cause(exc)
+        except bex.BotoCoreError as exc:  # no credentials, bad configuration, ...
+            raise self.error(_describe(exc)) from self.cause(exc)
+
+    def fetch_once(self, part: _PartFile, expected_size: int | None, progress: bool) -> tuple[int, str, int]:
+        offset, etag, known_total = part.resume_point()
+        if offset and offset == known_total:
+            # A crash between the last byte and the rename: keep the part if the object is unchanged.
+            try:
+                head = self.call("head_object", IfMatch=etag)
+            except _S3Changed:
+                head = {}
+            if head.get("ContentLength") == offset:
+                return offset, part.digest().hexdigest(), offset
+            part.reset()
+            offset, etag = 0, None
+        try:
+            return self._get(part, offset, etag, expected_size, progress)
+        except _S3Changed:
+            # The object was replaced since the part began (or the part is longer than the object).
+            part.reset()
+            return self._get(part, 0, None, expected_size, progress)
+
+    def _get(
+        self, part: _PartFile, offset: int, etag: str | None, expected_size: int | None, progress: bool,
+    ) -> tuple[int, str, int]:
+        response = self.call("get_object", **({"Range": f"bytes={offset}-", "IfMatch": etag} if offset else {}))
+        body = response["Body"]
+        try:
+            length = response.get("ContentLength")
+            if offset:
+                start, total = _parse_content_range(response.get("ContentRange"))
+                if start != offset or response.get("ETag") != etag:
+                    part.reset()
+                    raise _RetryableError(f"asked for bytes from {offset} of {etag}, got another range; starting over")
+            else:
+                total = length
+                part.start(response.get("ETag"), total)
+            if expected_size is not None and total is not None and total != expected_size:
+                raise self.error(f"object has {total} bytes, expected_size is {expected_size}")
+
+            digest = part.digest()
+            received = 0
+            with open(part.path, "ab") as fh, _progress_bar(part.dest.name, total, offset, progress) as bar:
+                while True:
+                    try:
+                        chunk = body.read(part.chunk_size)
+                    except self._bex.FlexibleChecksumError as exc:
+                        part.reset()  # the bytes on disk are wrong somewhere: keep none of them
+                        raise self.retryable(f"checksum mismatch: {_describe(exc)}; starting over") from self.cause(exc)
+                    except self._transient as exc:
+                        where = f"connection lost after {offset + received} bytes"
+                        raise self.retryable(f"{where}: {_describe(exc)}") from self.cause(exc)
+                    if not chunk:
+                        break
+                    part.append(fh, chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+        finally:
+            body.close()
+
+        if length is not None and received != length:
+            raise _RetryableError(f"connection closed after {offset + received} of {offset + length} bytes")
+        size = offset + received
+        if total is not None and size != total:
+            if size > total:
+                part.reset()
+            raise _RetryableError(f"got {size} bytes but the object has {total}")
+        return size, digest.hexdigest(), offset

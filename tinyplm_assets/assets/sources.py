@@ -20,12 +20,13 @@ def _download_asset(name: str, description: str):
         url = resolve_url(config.url)
         partial_dir = storage.downloads_dir() / name
         partial_dir.mkdir(exist_ok=True)
-        result = download(url, partial_dir / filename_from_url(url),
-                          expected_sha256=config.sha256, progress=config.progress)
+        s3_client = storage.s3_client() if url.startswith("s3://") else None
+        result = download(url, partial_dir / filename_from_url(url), expected_sha256=config.sha256,
+                          progress=config.progress, s3_client=s3_client)
         staging = storage.staging_dir(name)
         os.replace(result.path, staging / result.path.name)
-        context.log.info(f"downloaded {result.size:,} bytes from {config.url}")
-        return Output(staging, metadata={"url": config.url, "file": result.path.name,
+        context.log.info(f"downloaded {result.size:,} bytes from {result.url}")
+        return Output(staging, metadata={"url": result.url, "file": result.path.name,
                                          "size_bytes": result.size, "sha256": result.sha256,
                                          "resumed_from_bytes": result.resumed_from})
 
