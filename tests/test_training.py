@@ -1,4 +1,7 @@
-"""Training one stage from the library: folder contract, metrics, stage 2 from stage 1, bad settings."""
+"""Training one stage from the library: folder contract, metrics, stage 2 from stage 1, bad settings.
+
+Checkpoints and resuming are in test_resume.py, which reuses the `data` fixture below.
+"""
 
 from __future__ import annotations
 
@@ -85,6 +88,15 @@ def test_model_smaller_than_vocab_is_rejected(data, tmp_path):
     with pytest.raises(ConfigError, match="vocab_size"):
         train_stage(data / "shards" / "train", data / "shards" / "validation", data / "tok",
                     tmp_path / "out", options)
+
+
+def test_batch_larger_than_the_data_is_rejected(data, tmp_path):
+    # 564 packed sequences cannot fill one optimizer step of 100 x 8; this used to loop forever.
+    options = StageOptions(model_config=MODEL, training_args=ARGS, max_seq_length=64,
+                           overrides={"per_device_train_batch_size": 100, "gradient_accumulation_steps": 8})
+    with pytest.raises(ConfigError, match="per_device_train_batch_size.*do not fill one optimizer step"):
+        train_stage(data / "shards" / "train", data / "shards" / "validation", data / "tok", tmp_path / "out",
+                    options)
 
 
 def test_run_mlm_json_is_accepted_and_unknown_keys_rejected(tmp_path):

@@ -7,6 +7,7 @@ so a half-written or corrupted artifact is refused rather than trained on. Nothi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -139,9 +140,13 @@ class ArtifactStore:
         path.mkdir(parents=True)
         return path
 
-    def publish(self, key: str, source: Path) -> StoredArtifact:
-        """Store `source` (moved if it lies in the root, else copied) as `key`, replacing any old version."""
-        incoming, manifest = self._prepare(source)
+    def publish(self, key: str, source: Path, *, move: bool = False) -> StoredArtifact:
+        """Store `source` as `key`, replacing any old version.
+
+        `source` is moved when it lies inside the root or `move` is set (scratch the caller no
+        longer needs), else copied, so a user's own directory is never taken away.
+        """
+        incoming, manifest = self._prepare(source, move)
         self._commit(key, incoming, manifest)
         return StoredArtifact(self._install(key, incoming), manifest)
 
@@ -169,7 +174,7 @@ class ArtifactStore:
         """Make the complete, manifested `incoming` directory durable as `key`."""
 
     # -- shared steps ------------------------------------------------------------------------
-    def _prepare(self, source: Path) -> tuple[Path, dict]:
+    def _prepare(self, source: Path, move: bool = False) -> tuple[Path, dict]:
         source = Path(source)
         if not source.exists():
             raise StorageError(f"{source}: nothing to store (the asset produced no files)")
@@ -178,9 +183,9 @@ class ArtifactStore:
         if source.is_file():
             # A single-file value becomes a directory holding that file.
             incoming.mkdir()
-            _move_or_copy(source, incoming / source.name, self.root)
+            _move_or_copy(source, incoming / source.name, self.root, move)
         else:
-            _move_or_copy(source, incoming, self.root)
+            _move_or_copy(source, incoming, self.root, move)
         manifest = build_manifest(incoming)
         write_manifest(incoming, manifest)
         return incoming, manifest
@@ -204,10 +209,12 @@ class ArtifactStore:
         return final
 
     def _local_keys(self, prefix: str) -> list[str]:
-        base = self.path_for(prefix)
+        base = self.path_for(prefix) if prefix else self.root
         if not base.is_dir():
             return []
-        return sorted(m.parent.relative_to(self.root).as_posix() for m in base.rglob(MANIFEST_NAME))
+        keys = (m.parent.relative_to(self.root).as_posix() for m in base.rglob(MANIFEST_NAME))
+        # Staging, incoming and trash directories start with a dot: never artifacts.
+        return sorted(k for k in keys if not any(part.startswith(".") for part in k.split("/")))
 
 
 class LocalArtifactStore(ArtifactStore):
@@ -230,10 +237,15 @@ class LocalArtifactStore(ArtifactStore):
         return self._local_keys(prefix)
 
 
-def _move_or_copy(source: Path, dest: Path, root: Path) -> None:
-    if source.resolve().is_relative_to(root):
-        os.replace(source, dest)
-    elif source.is_dir():
+def _move_or_copy(source: Path, dest: Path, root: Path, move: bool = False) -> None:
+    if move or source.resolve().is_relative_to(root):
+        try:
+            os.replace(source, dest)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:  # another filesystem: fall back to a copy
+                raise
+    if source.is_dir():
         shutil.copytree(source, dest)
     else:
         shutil.copy2(source, dest)

@@ -4,14 +4,17 @@
 (stage 2) — on packed token shards, evaluates it on the validation shards (loss, masked-token
 accuracy, perplexity, and the same loss for an untrained model of the same shape, as a yardstick),
 and writes a standard Hugging Face folder: `model.safetensors`, `config.json`, the tokenizer files
-and `metrics.json`. Usable from a notebook:
+and `metrics.json`. Given a checkpoint sink it saves every `save_steps` and, run again with the same
+settings, resumes exactly where the last checkpoint left off. Usable from a notebook:
 
-    train_stage(train_dir, val_dir, tok_dir, out_dir, model_config=Path("configs/model/bert-tiny-custom.json"),
-                training_args=Path("configs/train/stage1.json"))
+    train_stage(train_dir, val_dir, tok_dir, out_dir,
+                StageOptions(Path("configs/model/bert-tiny-custom.json"), Path("configs/train/stage1.json")),
+                checkpoints=LocalCheckpointSink(Path("checkpoints/stage1")))
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -25,8 +28,11 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, TrainingArguments, get_scheduler
 
+from tinyplm_lib.checkpoints import (FORMAT_VERSION, CheckpointSink, find_resumable, restore_checkpoint,
+                                     save_to_sink, settings_fingerprint)
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.packing import MaskingSpec, PackedSequences, collate, mask_tokens
+from tinyplm_lib.storage import sha256_file
 from tinyplm_lib.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -43,6 +49,15 @@ _RUN_MLM_IGNORED = {
 }
 # transformers 5 renamed or folded these v4 fields; old JSON files keep working.
 _V4_RENAMES = {"evaluation_strategy": "eval_strategy"}
+# Every TrainingArguments field the loop reads that changes its result: a checkpoint made under
+# other values is not resumed. save_strategy and save_steps are left out on purpose (saving more
+# or less often changes nothing); tests/test_resume.py fails when the loop reads a field not listed.
+_RESULT_FIELDS = (
+    "per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+    "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+    "lr_scheduler_type", "warmup_steps", "max_steps", "num_train_epochs", "seed", "fp16", "bf16",
+    "logging_steps", "eval_strategy", "eval_steps",
+)
 
 
 @dataclass(frozen=True)
@@ -181,8 +196,18 @@ def train_stage(
     out_dir: Path,
     options: StageOptions,
     log: Callable[[str], None] = logger.info,
+    *,
+    checkpoints: CheckpointSink | None = None,
+    on_step: Callable[[int], None] | None = None,
 ) -> dict:
-    """Train one stage into `out_dir` (a Hugging Face model folder); return its metrics."""
+    """Train one stage into `out_dir` (a Hugging Face model folder); return its metrics.
+
+    With `checkpoints`, a checkpoint is saved every `save_steps` optimizer steps (save_strategy
+    "steps"; never at the last step) and a later call with the same settings and data continues
+    from the newest one, ending with the weights and metrics of an uninterrupted run; the sink is
+    cleared once `out_dir` is written. `on_step(step)` runs after every optimizer step and its
+    checkpoint (tests raise from it to simulate a crash).
+    """
     out_dir = Path(out_dir)
     args, extras = load_training_arguments(options.training_args, out_dir / "trainer", options.overrides)
     max_seq_length = options.max_seq_length or int(extras.get("max_seq_length", 128))
@@ -202,39 +227,63 @@ def train_stage(
         raise ConfigError("corpus", "the train or validation token shards are empty")
     batch = args.per_device_train_batch_size
     accumulation = args.gradient_accumulation_steps
-    steps_per_epoch = max(1, len(train_set) // (batch * accumulation))
+    steps_per_epoch = len(train_set) // (batch * accumulation)
+    if steps_per_epoch == 0:
+        raise ConfigError("per_device_train_batch_size", f"{len(train_set)} packed sequences do not fill one "
+                          f"optimizer step of {batch} x {accumulation} (gradient_accumulation_steps) sequences")
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     eval_kwargs = {"batch_size": args.per_device_eval_batch_size, "device": device,
                    "seed": args.seed, "max_sequences": options.max_eval_sequences}
+    settings = _fingerprint_inputs(args, options, spec, max_seq_length, total_steps, train_set, eval_set)
+    fingerprint = settings_fingerprint(settings)
+    resume = find_resumable(checkpoints, settings, log) if checkpoints is not None else None
 
-    initial = evaluate(model, eval_set, spec, **eval_kwargs)
-    if options.init_from is None:
-        untrained = initial
+    if resume is not None:  # measured by the first attempt; the model is no longer untrained
+        initial_loss, untrained_loss = resume["state"]["initial_eval_loss"], resume["state"]["untrained_eval_loss"]
     else:
-        torch.manual_seed(args.seed)
-        fresh = build_model(options.model_config, spec.vocab_size, max_seq_length, None).to(device)
-        untrained = evaluate(fresh, eval_set, spec, **eval_kwargs)
-        del fresh
+        initial_loss = untrained_loss = evaluate(model, eval_set, spec, **eval_kwargs)["loss"]
+        if options.init_from is not None:
+            torch.manual_seed(args.seed)
+            fresh = build_model(options.model_config, spec.vocab_size, max_seq_length, None).to(device)
+            untrained_loss = evaluate(fresh, eval_set, spec, **eval_kwargs)["loss"]
+            del fresh
     log(f"device {device}; {len(train_set)} packed sequences of ≤{max_seq_length} tokens; "
-        f"{total_steps} steps; eval loss before training {initial['loss']:.3f}")
+        f"{total_steps} steps; eval loss before training {initial_loss:.3f}")
 
     optimizer = _optimizer(model, args)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
                               num_warmup_steps=args.get_warmup_steps(total_steps),
                               num_training_steps=total_steps)
-    history: list[dict] = []
-    step, tokens_seen, started = 0, 0, time.perf_counter()
-    running_loss, running_count = 0.0, 0
-    generator = torch.Generator()
     # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not (scaler disabled).
     scaler = torch.amp.GradScaler(device.type, enabled=bool(args.fp16 and device.type == "cuda"))
+    history: list[dict] = []
+    step, epoch, next_micro, tokens_seen = 0, 0, 0, 0
+    running_loss, running_count = 0.0, 0
+    started = time.perf_counter()
+    if resume is not None:
+        for note in restore_checkpoint(resume, model=model, optimizer=optimizer, scheduler=scheduler,
+                                       scaler=scaler):
+            log(note)
+        saved = resume["state"]
+        step, epoch, next_micro = saved["global_step"], saved["epoch"], saved["next_micro_index"]
+        tokens_seen, history = saved["tokens_seen"], saved["history"]
+        running_loss, running_count = saved["running_loss"], saved["running_count"]
+        started -= saved["elapsed_s"]
+        log(f"resumed from {resume['directory']} at step {step}/{total_steps} "
+            f"(epoch {epoch}, micro-batch {next_micro})")
+        del resume  # the read copy of weights and moments (three model sizes) is no longer needed
+    resumed_from_step = step
+    save_every = _save_interval(args, total_steps, checkpoints, log)
+    # Only whole optimizer steps per epoch: a shorter tail would otherwise leak its gradients
+    # into the next epoch's first step.
+    micro_per_epoch = steps_per_epoch * accumulation
+    generator = torch.Generator()
     model.train()
-    epoch = 0
     while step < total_steps:
         # Shuffle per epoch from (seed, epoch): the order is reproducible and resumable.
         order = np.random.default_rng([args.seed, epoch]).permutation(len(train_set))
-        for micro_start in range(0, len(order) - batch + 1, batch):
-            micro_index = micro_start // batch
+        for micro_index in range(next_micro, micro_per_epoch):
+            micro_start = micro_index * batch
             ids, attention = collate([train_set[int(i)] for i in order[micro_start:micro_start + batch]], spec.pad_id)
             generator.manual_seed(args.seed * 1_000_003 + epoch * 100_003 + micro_index)
             inputs, labels = mask_tokens(ids, spec, generator)
@@ -267,27 +316,82 @@ def train_stage(
                     history[-1]["eval_loss"] = eval_loss
                 else:
                     history.append({"step": step, "eval_loss": eval_loss})
+            if save_every and step % save_every == 0 and step < total_steps:
+                # At an optimizer-step boundary the gradients are empty: the state is complete.
+                state = {"global_step": step, "epoch": epoch, "next_micro_index": micro_index + 1,
+                         "tokens_seen": tokens_seen, "running_loss": running_loss,
+                         "running_count": running_count, "history": history,
+                         "elapsed_s": time.perf_counter() - started, "initial_eval_loss": initial_loss,
+                         "untrained_eval_loss": untrained_loss, "device": str(device),
+                         "fingerprint": fingerprint, "settings": settings}
+                save_to_sink(checkpoints, out_dir / "trainer" / f"checkpoint-{step:08d}", step, state,
+                             model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+            if on_step is not None:
+                on_step(step)
             if step >= total_steps:
                 break
         epoch += 1
+        next_micro = 0
     wall = time.perf_counter() - started
 
     final = evaluate(model, eval_set, spec, **eval_kwargs)
     metrics = {
         "eval_loss": final["loss"], "eval_accuracy": final["accuracy"], "perplexity": final["perplexity"],
         "eval_masked_tokens": final["masked_tokens"], "eval_sequences": final["sequences"],
-        "initial_eval_loss": initial["loss"], "untrained_eval_loss": untrained["loss"],
+        "initial_eval_loss": initial_loss, "untrained_eval_loss": untrained_loss,
         "train_loss": next((h["train_loss"] for h in reversed(history) if "train_loss" in h), None),
         "global_step": step, "epochs": epoch, "tokens_seen": tokens_seen,
         "tokens_per_s": tokens_seen / wall if wall > 0 else None, "wall_time_s": wall,
+        "resumed_from_step": resumed_from_step,
         "device": str(device), "max_seq_length": max_seq_length,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_sequences": len(train_set), "history": history,
     }
     _save_folder(model, tokenizer_dir, out_dir, metrics, args, options)
-    log(f"eval loss {final['loss']:.3f} (untrained {untrained['loss']:.3f}), "
+    if checkpoints is not None:
+        checkpoints.clear()  # only now: the output above is what they were kept for
+    log(f"eval loss {final['loss']:.3f} (untrained {untrained_loss:.3f}), "
         f"accuracy {final['accuracy']:.3f}, perplexity {final['perplexity']:.1f}")
     return metrics
+
+
+def _fingerprint_inputs(args, options: StageOptions, spec: MaskingSpec, max_seq_length: int, total_steps: int,
+                        train_set: PackedSequences, eval_set: PackedSequences) -> dict:
+    """Everything that changes a stage's result, as JSON: contents and hashes, never paths."""
+    training = {name: _plain(getattr(args, name)) for name in _RESULT_FIELDS}
+    training["resolved_warmup_steps"] = args.get_warmup_steps(total_steps)
+    training["resolved_total_steps"] = total_steps
+    settings = {
+        "checkpoint_format": FORMAT_VERSION, "training_args": training, "max_seq_length": max_seq_length,
+        "max_eval_sequences": options.max_eval_sequences, "masking": asdict(spec),
+        "model_config": _read_json(options.model_config, "model_config"),
+        "train_shards": train_set.shards.meta, "validation_shards": eval_set.shards.meta,
+    }
+    if options.init_from is not None:
+        init_from = Path(options.init_from)
+        settings["init_from"] = {"config": _read_json(init_from / "config.json", "init_from"),
+                                 **{p.name: sha256_file(p) for p in sorted(init_from.glob("*.safetensors"))}}
+    return json.loads(json.dumps(settings))  # tuples become lists, as they come back from state.json
+
+
+def _save_interval(args, total_steps: int, checkpoints: CheckpointSink | None, log) -> int:
+    if checkpoints is None:
+        return 0
+    if _plain(args.save_strategy) != "steps":
+        log(f"save_strategy {_plain(args.save_strategy)!r}: no checkpoints saved (only 'steps' is supported)")
+        return 0
+    return _interval(args.save_steps, total_steps)
+
+
+def _plain(value):
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _read_json(path: Path, setting: str):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(setting, f"{path}: {exc}") from exc
 
 
 def _same_vocab(model_dir: Path, tokenizer_dir: Path) -> bool:
@@ -316,9 +420,17 @@ def _autocast(device: torch.device, args: TrainingArguments):
 def _eval_due(args: TrainingArguments, step: int, total_steps: int) -> bool:
     if args.eval_strategy != "steps":  # IntervalStrategy is a str enum
         return False
-    every = args.eval_steps or args.logging_steps
-    every = int(every * total_steps) if every < 1 else int(every)
+    every = _interval(args.eval_steps or args.logging_steps, total_steps)
     return every > 0 and step % every == 0 and step < total_steps
+
+
+def _interval(every: float | None, total_steps: int) -> int:
+    """Steps between evaluations or saves; below 1 it is a fraction of the run, rounded up as HF does."""
+    if not every or every <= 0:
+        return 0
+    if every < 1:
+        return max(1, math.ceil(every * total_steps - 1e-9))  # 0.1 * 300 is 30.000000000000004
+    return int(every)
 
 
 def _save_folder(model, tokenizer_dir: Path, out_dir: Path, metrics: dict, args, options: StageOptions) -> None:

@@ -2,7 +2,9 @@
 
 Each is a standard Hugging Face folder (`model.safetensors`, `config.json`, tokenizer files,
 `metrics.json`). They run in the `gpu` concurrency pool (one at a time per Dagster instance) and
-carry the GPU request in their op tags for the Docker and Kubernetes run launchers.
+carry the GPU request in their op tags for the Docker and Kubernetes run launchers. Training
+checkpoints go to the same store (`checkpoints/<asset>/step-N`, local or S3), so a stage killed
+on one machine resumes from its last checkpoint when re-materialised, here or elsewhere.
 """
 
 
@@ -13,6 +15,8 @@ from dagster import AssetExecutionContext, Output, asset
 from tinyplm_assets.config import Stage1Config, Stage2Config
 from tinyplm_assets.metadata import flat_counts
 from tinyplm_assets.resources import ArtifactStorage
+from tinyplm_lib.checkpoints import StoreCheckpointSink
+from tinyplm_lib.storage import artifact_key
 from tinyplm_lib.training import train_stage
 
 # Read by dagster-k8s (pod resources) and by our docker deployment; a GPU box only runs these.
@@ -20,6 +24,10 @@ GPU_OP_TAGS = {
     "tinyplm/gpu": "1",
     "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}},
 }
+
+
+def _checkpoints(storage: ArtifactStorage, asset_name: str) -> StoreCheckpointSink:
+    return StoreCheckpointSink(storage.store(), artifact_key(["checkpoints", asset_name]))
 
 
 def _result(metrics: dict, out_dir: Path) -> Output:
@@ -31,18 +39,24 @@ def _result(metrics: dict, out_dir: Path) -> Output:
 @asset(group_name="training", pool="gpu", op_tags=GPU_OP_TAGS, kinds={"pytorch"})
 def bert_stage1_cc100(context: AssetExecutionContext, config: Stage1Config, storage: ArtifactStorage,
                       cc100_ja_tokens: Path, wordpiece_tokenizer: Path) -> Output:
-    """BERT MLM trained from scratch on cc100-ja. Re-running retrains from scratch."""
+    """BERT MLM trained from scratch on cc100-ja.
+
+    Re-running after a finished run retrains from scratch; after an interrupted one it resumes
+    from the last checkpoint (if the settings and data are unchanged).
+    """
     out_dir = storage.staging_dir("bert_stage1_cc100")
     metrics = train_stage(cc100_ja_tokens / "train", cc100_ja_tokens / "validation", wordpiece_tokenizer,
-                          out_dir, config.to_options(), log=context.log.info)
+                          out_dir, config.to_options(), log=context.log.info,
+                          checkpoints=_checkpoints(storage, "bert_stage1_cc100"))
     return _result(metrics, out_dir)
 
 
 @asset(group_name="training", pool="gpu", op_tags=GPU_OP_TAGS, kinds={"pytorch"})
 def bert_stage2_jawiki(context: AssetExecutionContext, config: Stage2Config, storage: ArtifactStorage,
                        bert_stage1_cc100: Path, jawiki_tokens: Path, wordpiece_tokenizer: Path) -> Output:
-    """Stage 1 continued on JaWiki: the model users take home. Re-running retrains stage 2."""
+    """Stage 1 continued on JaWiki: the model users take home. Resumes like stage 1."""
     out_dir = storage.staging_dir("bert_stage2_jawiki")
     metrics = train_stage(jawiki_tokens / "train", jawiki_tokens / "validation", wordpiece_tokenizer,
-                          out_dir, config.to_options(init_from=bert_stage1_cc100), log=context.log.info)
+                          out_dir, config.to_options(init_from=bert_stage1_cc100), log=context.log.info,
+                          checkpoints=_checkpoints(storage, "bert_stage2_jawiki"))
     return _result(metrics, out_dir)
