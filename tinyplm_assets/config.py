@@ -21,7 +21,7 @@ from tinyplm_lib.cc100 import Cc100Settings
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.jawiki import JawikiSettings
 from tinyplm_lib.tokenizer import TokenizerSettings
-from tinyplm_lib.training import StageOptions
+from tinyplm_lib.training import RuntimeOptions, StageOptions
 
 _CC100 = Cc100Settings()
 _JAWIKI = JawikiSettings()
@@ -110,6 +110,19 @@ class TokenShardsConfig(Config):
 
 
 _OVERRIDABLE = ("max_steps", "learning_rate", "per_device_train_batch_size")
+_RUNTIME = RuntimeOptions()
+
+
+class RuntimeConfig(Config):
+    """Speed-only settings (see `tinyplm_lib.training.RuntimeOptions`): not part of the results."""
+
+    precision: str = Field(default=_RUNTIME.precision, description="auto | bf16 | fp16 | fp32")
+    tf32: bool = _RUNTIME.tf32
+    compile: bool = Field(default=_RUNTIME.compile, description="torch.compile the encoder")
+    dataloader_workers: int = _RUNTIME.dataloader_workers
+
+    def to_options(self) -> RuntimeOptions:
+        return RuntimeOptions(**self.model_dump())
 
 
 class TrainingStageConfig(Config):
@@ -122,6 +135,7 @@ class TrainingStageConfig(Config):
     max_steps: Optional[int] = Field(default=None, description="overrides the JSON's max_steps")
     learning_rate: Optional[float] = Field(default=None, description="overrides the JSON's learning_rate")
     per_device_train_batch_size: Optional[int] = Field(default=None, description="overrides the JSON's")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="speed-only settings")
 
     def to_options(self, init_from: Path | None = None) -> StageOptions:
         return StageOptions(

@@ -47,7 +47,7 @@ def bert_stage1_cc100(context: AssetExecutionContext, config: Stage1Config, stor
     out_dir = storage.staging_dir("bert_stage1_cc100")
     metrics = train_stage(cc100_ja_tokens / "train", cc100_ja_tokens / "validation", wordpiece_tokenizer,
                           out_dir, config.to_options(), log=context.log.info,
-                          checkpoints=_checkpoints(storage, "bert_stage1_cc100"))
+                          checkpoints=_checkpoints(storage, "bert_stage1_cc100"), runtime=config.runtime.to_options())
     return _result(metrics, out_dir)
 
 
@@ -58,5 +58,5 @@ def bert_stage2_jawiki(context: AssetExecutionContext, config: Stage2Config, sto
     out_dir = storage.staging_dir("bert_stage2_jawiki")
     metrics = train_stage(jawiki_tokens / "train", jawiki_tokens / "validation", wordpiece_tokenizer,
                           out_dir, config.to_options(init_from=bert_stage1_cc100), log=context.log.info,
-                          checkpoints=_checkpoints(storage, "bert_stage2_jawiki"))
+                          checkpoints=_checkpoints(storage, "bert_stage2_jawiki"), runtime=config.runtime.to_options())
     return _result(metrics, out_dir)
