@@ -321,7 +321,7 @@ def train_stage(
             step += 1
             if step % max(1, int(args.logging_steps)) == 0 or step == total_steps:
                 entry = {"step": step, "train_loss": loss_sum.item() / running_count,
-                         "learning_rate": scheduler.get_last_lr()[0],
+                         "learning_rate": scheduler.get_last_lr()[0], "tokens_seen": tokens_seen,
                          "elapsed_s": time.perf_counter() - started}
                 history.append(entry)
                 loss_sum.zero_()

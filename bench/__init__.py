@@ -1,0 +1,1 @@
+"""Benchmarks of tinyplm against the original pipeline; each module's docstring gives its command."""

@@ -1,0 +1,198 @@
+"""Training throughput and quality at a fixed wall-clock budget: the original's way against ours.
+
+    python -m bench.train --web FILE.txt.xz --wiki FILE.json.gz --seconds 120 --json OUT.json
+
+Both runs train the same BertConfig (default `configs/model/bert-tiny-custom.json`, 13M
+parameters) on the same cc100-style text with the same learning rate, schedule and batch size:
+
+- baseline, as `run_mlm.py --line_by_line` does it: one line per sequence tokenised by
+  `BertJapaneseTokenizer` (done up front, untimed, as run_mlm's preprocessing), dynamic padding,
+  `DataCollatorForLanguageModeling`, HF `Trainer`, fp32, vocabulary logits at every position;
+- ours: `tinyplm_lib.training.train_stage` on packed token shards, logits at masked positions
+  only, bf16 autocast where the device has it, DataLoader workers.
+
+Each run stops after `--seconds` of training; both final models are then evaluated with the same
+fixed masks on the same held-out validation sequences (fp32). `tokens_per_s` counts non-padding
+tokens. Preparation (corpora, tokenizer, shards, baseline token ids) needs MeCab and is cached in
+`--work`; `--prepare-only` stops after it, so a GPU box without MeCab can run the rest from a
+copied work folder (`--work DIR` without `--web/--wiki`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tinyplm_lib.training import (RuntimeOptions, StageOptions, build_model, evaluate, masking_spec,
+                                  pick_device, train_stage)
+from tinyplm_lib.packing import PackedSequences
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_ARGS = {"per_device_eval_batch_size": 64, "lr_scheduler_type": "constant_with_warmup",
+              "warmup_steps": 50, "weight_decay": 0.01, "max_steps": 1_000_000, "logging_steps": 50,
+              "seed": 42, "report_to": "none"}
+
+
+def prepare(web: Path, wiki: Path, work: Path, *, max_lines: int, vocab_size: int, seq_len: int) -> None:
+    """Corpora, tokenizer, our shards and the baseline's token ids, cached under `work`."""
+    from tinyplm_lib.cc100 import Cc100Settings, build_cc100_corpus
+    from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
+    from tinyplm_lib.shards import encode_corpus
+    from tinyplm_lib.tokenizer import TokenizerSettings, load_tokenizer, train_tokenizer
+
+    work.mkdir(parents=True, exist_ok=True)
+    if (work / "prepared.json").is_file():
+        return
+    build_cc100_corpus(web, work / "train.txt", work / "validation.txt",
+                       Cc100Settings(max_lines=max_lines, max_validation_lines=max(200, max_lines // 50)))
+    build_jawiki_corpus(wiki, work / "wiki-train.txt", work / "wiki-validation.txt", JawikiSettings())
+    train_tokenizer(work / "wiki-train.txt", work / "tokenizer",
+                    TokenizerSettings(vocab_size=vocab_size, model_max_length=seq_len), workers=2)
+    for split in ("train", "validation"):
+        encode_corpus(work / f"{split}.txt", work / "tokenizer", work / "shards" / split, workers=2)
+    # The baseline's preprocessing, as run_mlm does it: each line, truncated, with [CLS] … [SEP].
+    tokenizer = load_tokenizer(work / "tokenizer")
+    lines = (work / "train.txt").read_text(encoding="utf-8").splitlines()
+    encoded = tokenizer(lines, truncation=True, max_length=seq_len)["input_ids"]
+    offsets = np.cumsum([0] + [len(ids) for ids in encoded]).astype(np.int64)
+    np.save(work / "baseline-offsets.npy", offsets)
+    np.save(work / "baseline-ids.npy", np.concatenate([np.asarray(i, dtype=np.uint16) for i in encoded]))
+    (work / "prepared.json").write_text(json.dumps({"lines": len(lines), "seq_len": seq_len}) + "\n")
+
+
+def run_baseline(work: Path, model_config: Path, *, seconds: float, batch: int, lr: float, out: Path) -> dict:
+    """run_mlm's line_by_line training loop through HF Trainer, stopped after `seconds`."""
+    from transformers import (DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
+                              TrainerCallback, TrainingArguments)
+
+    ids, offsets = np.load(work / "baseline-ids.npy"), np.load(work / "baseline-offsets.npy")
+    examples = [{"input_ids": ids[offsets[i]:offsets[i + 1]].astype(np.int64).tolist()}
+                for i in range(len(offsets) - 1)]
+    spec = masking_spec(work / "tokenizer", 0.15)
+    # The collator only needs ids, padding and special-token ids, which this stand-in supplies
+    # from the same vocab without MeCab (absent on GPU boxes); the ids were made by
+    # BertJapaneseTokenizer in prepare().
+    tokenizer = _ids_only_tokenizer(work / "tokenizer", PreTrainedTokenizerFast)
+    counted = {"tokens": 0}
+
+    class CountingCollator(DataCollatorForLanguageModeling):
+        def __call__(self, features, return_tensors=None):
+            batch_out = super().__call__(features, return_tensors)
+            counted["tokens"] += int(batch_out["attention_mask"].sum())
+            return batch_out
+
+    class StopAfter(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = time.perf_counter() - self.started >= seconds
+
+    torch.manual_seed(42)
+    model = build_model(model_config, spec.vocab_size, 512, None)
+    args = TrainingArguments(output_dir=str(out / "trainer"), per_device_train_batch_size=batch, learning_rate=lr,
+                             save_strategy="no", eval_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
+                             **TRAIN_ARGS)
+    trainer = Trainer(model=model, args=args, train_dataset=examples,
+                      data_collator=CountingCollator(tokenizer, mlm_probability=0.15), callbacks=[StopAfter()])
+    started = time.perf_counter()
+    result = trainer.train()
+    wall = time.perf_counter() - started
+    return {"model": model, "steps": result.global_step, "tokens": counted["tokens"], "wall_s": wall,
+            "tokens_per_s": counted["tokens"] / wall}
+
+
+def run_ours(work: Path, model_config: Path, *, seconds: float, batch: int, lr: float, out: Path,
+             seq_len: int, compile_model: bool, workers: int) -> dict:
+    args_file = out / "ours-args.json"
+    out.mkdir(parents=True, exist_ok=True)
+    args_file.write_text(json.dumps({**TRAIN_ARGS, "per_device_train_batch_size": batch, "learning_rate": lr,
+                                     "max_seq_length": seq_len}))
+    options = StageOptions(model_config=model_config, training_args=args_file, max_eval_sequences=16)
+    runtime = RuntimeOptions(max_wall_time_s=seconds, compile=compile_model, dataloader_workers=workers)
+    metrics = train_stage(work / "shards" / "train", work / "shards" / "validation", work / "tokenizer",
+                          out / "ours", options, log=lambda message: None, runtime=runtime)
+    from transformers import BertForMaskedLM
+
+    logged = [h for h in metrics["history"] if "tokens_seen" in h]
+    # Past the first logging interval: compilation, worker start-up and warm-up excluded.
+    steady = ((logged[-1]["tokens_seen"] - logged[0]["tokens_seen"]) / (logged[-1]["elapsed_s"] - logged[0]["elapsed_s"])
+              if len(logged) > 2 else None)
+    return {"model": BertForMaskedLM.from_pretrained(str(out / "ours")), "steps": metrics["global_step"],
+            "tokens": metrics["tokens_seen"], "wall_s": metrics["wall_time_s"],
+            "tokens_per_s": metrics["tokens_per_s"], "steady_tokens_per_s": steady,
+            "precision": metrics["precision"], "compiled": compile_model, "workers": workers}
+
+
+def _ids_only_tokenizer(tokenizer_dir: Path, fast_class):
+    from tokenizers import Tokenizer, models
+
+    vocab = {t: i for i, t in enumerate((tokenizer_dir / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    return fast_class(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                      sep_token="[SEP]", mask_token="[MASK]")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--web", type=Path)
+    parser.add_argument("--wiki", type=Path)
+    parser.add_argument("--seconds", type=float, default=120.0, help="training budget of each run")
+    parser.add_argument("--json", type=Path, required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/tinyplm-bench-train"))
+    parser.add_argument("--model-config", type=Path, default=REPO / "configs/model/bert-tiny-custom.json")
+    parser.add_argument("--batch", type=int, default=32, help="sequences per step, both runs")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4, help="learning rate, both runs")
+    parser.add_argument("--max-lines", type=int, default=150_000, help="cc100-style lines used")
+    parser.add_argument("--vocab-size", type=int, default=32768)
+    parser.add_argument("--compile", action="store_true", help="torch.compile our encoder")
+    parser.add_argument("--workers", type=int, default=2, help="our DataLoader workers")
+    parser.add_argument("--prepare-only", action="store_true")
+    parser.add_argument("--skip-baseline", action="store_true", help="measure ours only")
+    opts = parser.parse_args(argv)
+    if opts.web and opts.wiki:
+        prepare(opts.web, opts.wiki, opts.work, max_lines=opts.max_lines, vocab_size=opts.vocab_size,
+                seq_len=opts.seq_len)
+    if not (opts.work / "prepared.json").is_file():
+        parser.error(f"{opts.work} holds no prepared data: give --web and --wiki")
+    if opts.prepare_only:
+        return {}
+    device = pick_device()
+    spec = masking_spec(opts.work / "tokenizer", 0.15)
+    vocab = (opts.work / "tokenizer" / "vocab.txt").read_text(encoding="utf-8").splitlines()
+    eval_set = PackedSequences(opts.work / "shards" / "validation", opts.seq_len, cls_id=vocab.index("[CLS]"),
+                               sep_id=vocab.index("[SEP]"), pad_id=spec.pad_id)
+    eval_kwargs = {"batch_size": 64, "device": device, "seed": 1234, "max_sequences": 1000,
+                   "runtime": RuntimeOptions(precision="fp32")}
+    common = {"seconds": opts.seconds, "batch": opts.batch, "lr": opts.lr}
+    runs = {"ours": run_ours(opts.work, opts.model_config, out=opts.work / "runs", seq_len=opts.seq_len,
+                             compile_model=opts.compile, workers=opts.workers, **common)}
+    if not opts.skip_baseline:
+        runs["baseline"] = run_baseline(opts.work, opts.model_config, out=opts.work / "runs", **common)
+    report: dict = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                    "seconds": opts.seconds, "batch_size": opts.batch, "seq_len": opts.seq_len,
+                    "learning_rate": opts.lr, "schedule": "constant_with_warmup (50 steps)",
+                    "model_config": opts.model_config.name, "eval_sequences": min(len(eval_set), 1000)}
+    for name, run in runs.items():
+        model = run.pop("model").to(device)
+        report["parameters"] = sum(p.numel() for p in model.parameters())
+        result = evaluate(model, eval_set, spec, **eval_kwargs)
+        report[name] = {**run, "val_loss": result["loss"], "val_accuracy": result["accuracy"],
+                        "val_perplexity": math.exp(min(result["loss"], 50))}
+    if "baseline" in report:
+        report["speedup"] = report["ours"]["tokens_per_s"] / report["baseline"]["tokens_per_s"]
+    opts.json.parent.mkdir(parents=True, exist_ok=True)
+    opts.json.write_text(json.dumps(report, indent=1) + "\n")
+    print(json.dumps(report, indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main()
