@@ -48,6 +48,8 @@ def test_stage_writes_a_standard_hf_folder_with_metrics(data, tmp_path):
     for name in ("model.safetensors", "config.json", "vocab.txt", "tokenizer_config.json", "metrics.json"):
         assert (folder / name).is_file(), name
     assert not list(folder.glob("*.bin")), "weights are safetensors, never pickles"
+    assert (folder / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((folder / "tensorboard").glob("events.out.tfevents.*")), "TensorBoard event file"
     assert metrics["global_step"] == 40
     assert [h["step"] for h in metrics["history"] if "train_loss" in h] == [10, 20, 30, 40]
     assert metrics["eval_loss"] < metrics["untrained_eval_loss"]

@@ -30,6 +30,7 @@ from transformers import BertConfig, BertForMaskedLM, TrainingArguments, get_sch
 
 from tinyplm_lib.checkpoints import (FORMAT_VERSION, CheckpointSink, find_resumable, restore_checkpoint,
                                      save_to_sink, settings_fingerprint)
+from tinyplm_lib.curves import loss_curve_png, write_tensorboard
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.packing import IGNORE_INDEX, MaskingSpec, MicroBatches, PackedSequences, mask_tokens
 from tinyplm_lib.storage import sha256_file
@@ -455,6 +456,8 @@ def _save_folder(model, tokenizer_dir: Path, out_dir: Path, metrics: dict, args,
         if item.is_file() and not item.name.startswith("_"):  # not the storage manifest
             shutil.copy2(item, out_dir / item.name)
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n", encoding="utf-8")
+    write_tensorboard(metrics["history"], out_dir / "tensorboard")
+    loss_curve_png(metrics["history"], out_dir / "loss_curve.png")
     settings = {"training_args": json.loads(args.to_json_string()),
                 "stage": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}}
     (out_dir / "training_settings.json").write_text(json.dumps(settings, indent=1, default=str) + "\n",

@@ -8,9 +8,10 @@ on one machine resumes from its last checkpoint when re-materialised, here or el
 """
 
 
+import base64
 from pathlib import Path
 
-from dagster import AssetExecutionContext, Output, asset
+from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
 from tinyplm_assets.config import Stage1Config, Stage2Config
 from tinyplm_assets.metadata import flat_counts
@@ -33,6 +34,9 @@ def _checkpoints(storage: ArtifactStorage, asset_name: str) -> StoreCheckpointSi
 def _result(metrics: dict, out_dir: Path) -> Output:
     metadata = flat_counts({k: v for k, v in metrics.items() if k != "history"})
     metadata["device"] = metrics["device"]
+    # Inline, so the UI shows the curve without access to the artifact store (~10 kB).
+    png = base64.b64encode((out_dir / "loss_curve.png").read_bytes()).decode()
+    metadata["loss_curve"] = MetadataValue.md(f"![loss curve](data:image/png;base64,{png})")
     return Output(out_dir, metadata=metadata)
 
 
