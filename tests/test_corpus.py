@@ -16,7 +16,8 @@ import pytest
 import tinyplm_lib.jawiki as jawiki_module
 from tinyplm_lib.cc100 import Cc100Settings, build_cc100_corpus
 from tinyplm_lib.cleaning import clean_wiki_text, split_sentences
-from tinyplm_lib.corpus import AtomicTextWriter, in_validation, iter_flags, read_lines
+from tinyplm_lib.corpus import AtomicTextWriter, LineReader, decode_lines, in_validation, iter_flags
+from tinyplm_lib.corpus import read_lines
 from tinyplm_lib.corpus import mark_first_occurrences
 from tinyplm_lib.errors import ConfigError, InputError
 from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
@@ -74,6 +75,55 @@ def test_read_lines_formats_numbering_and_bad_utf8(tmp_path):
         list(read_lines(path))
     assert info.value.line == 3
     assert "bad.txt, line 3" in str(info.value)
+
+
+def _take_all(reader: LineReader, max_lines: int, max_bytes: int | None) -> list[tuple[bytes, int]]:
+    blocks = []
+    while True:
+        data, count = reader.take(max_lines, max_bytes)
+        if not count:
+            return blocks
+        blocks.append((data, count))
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".xz"])
+@pytest.mark.parametrize("chunk_bytes", [5, 1 << 20])
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_line_reader_hands_out_whole_lines(tmp_path, suffix, chunk_bytes, prefetch):
+    data = "一行目\n\n三行目\r\nlong " + "x" * 40 + "\n\n最後"
+    compress = {"": bytes, ".gz": gzip.compress, ".xz": lzma.compress}[suffix]
+    path = tmp_path / f"a.txt{suffix}"
+    path.write_bytes(compress(data.encode()))
+    expected = [line.encode() for line in data.split("\n")]
+    with LineReader(path, chunk_bytes=chunk_bytes, prefetch=prefetch) as reader:
+        blocks = _take_all(reader, 2, None)
+        assert (reader.lines_taken, reader.bytes_taken) == (6, len(data.encode()))
+    assert [count for _, count in blocks] == [2, 2, 2]
+    assert b"".join(data for data, _ in blocks) == data.encode()
+    assert [data.split(b"\n")[0] for data, _ in blocks] == expected[0::2]
+    with LineReader(path, chunk_bytes=chunk_bytes, prefetch=prefetch) as reader:
+        # A byte budget stops at the first line end at or past it, never inside a line.
+        blocks = _take_all(reader, 100, 12)
+    assert [len(data) for data, _ in blocks] == [22, 46, 7]
+    assert [count for _, count in blocks] == [3, 1, 2]
+    assert decode_lines(b"".join(data for data, _ in blocks)) == (data.split("\n"), None)
+
+
+def test_line_reader_seeks_in_plain_files_and_reports_bad_input(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_bytes(b"aa\nbb\ncc\n")
+    with LineReader(path, prefetch=False) as reader:
+        assert reader.take(2) == (b"aa\nbb\n", 2)
+        reader.seek(3, 1)
+        assert reader.take(5) == (b"bb\ncc\n", 2)
+        assert reader.take(5) == (b"", 0)
+    lines, (index, error) = decode_lines("ok\nok\n".encode() + b"\xff\xfe\nok\n")
+    assert (lines, index, error.start) == (["ok", "ok"], 2, 0)
+    with pytest.raises(InputError, match="empty"):
+        (tmp_path / "empty.txt").write_bytes(b"")
+        LineReader(tmp_path / "empty.txt")
+    with pytest.raises(InputError, match="not found"):
+        LineReader(tmp_path / "missing.txt")
 
 
 def test_in_validation_is_deterministic_and_calibrated():

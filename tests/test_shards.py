@@ -10,6 +10,7 @@ import gzip
 import itertools
 import json
 import lzma
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -60,7 +61,7 @@ def shard_files(directory: Path) -> dict[str, bytes]:
 
 def test_shards_hold_exactly_the_fast_encoder_ids(tmp_path, corpus):
     tokenizer_dir, text, lines = corpus
-    meta = encode_corpus(text, tokenizer_dir, tmp_path / "out")
+    meta = encode_corpus(text, tokenizer_dir, tmp_path / "out", workers=2)
     shards = TokenShards(tmp_path / "out")
     sentences = [line for line in lines if line.strip()]
     expected = FastEncoder.from_dir(tokenizer_dir).encode_batch(sentences)
@@ -71,14 +72,17 @@ def test_shards_hold_exactly_the_fast_encoder_ids(tmp_path, corpus):
         assert got.dtype == np.uint16 and got.tolist() == ids
     assert shards.lengths().dtype == np.int32
     assert shards.lengths().tolist() == [len(ids) for ids in expected]
-    assert meta == json.loads((tmp_path / "out" / "meta.json").read_text(encoding="utf-8"))
+    written = json.loads((tmp_path / "out" / "meta.json").read_text(encoding="utf-8"))
+    # The return value is meta.json plus facts of this run only.
+    assert meta == {**written, "shards_encoded": 1, "shards_reused": 0, "workers": 2,
+                    "seconds": meta["seconds"]}
     with pytest.raises(IndexError):
         shards.sentence(shards.num_sentences)
 
 
 def test_meta_json_describes_the_set(tmp_path, corpus):
     tokenizer_dir, text, lines = corpus
-    meta = encode_corpus(text, tokenizer_dir, tmp_path / "out")
+    meta = encode_corpus(text, tokenizer_dir, tmp_path / "out", workers=1)
     assert (meta["format_version"], meta["dtype"], meta["offsets_dtype"]) == (1, "uint16", "int64")
     vocab = (tokenizer_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
     assert meta["vocab_size"] == len(vocab)
@@ -95,17 +99,22 @@ def test_meta_json_describes_the_set(tmp_path, corpus):
     assert shard["tokens_file"] == "shard-00000.tokens.u16"
     assert shard["offsets_file"] == "shard-00000.offsets.i64"
     assert shard["first_line"] == 1 and shard["num_lines"] == len(lines)
+    assert shard["source_bytes"] == text.stat().st_size
+    marker = json.loads((tmp_path / "out" / "shard-00000.json").read_text(encoding="utf-8"))
+    assert marker == {"format_version": 1, "shard_lines": 1_000_000,
+                      "tokenizer_files_sha256": meta["tokenizer_files_sha256"], "shard": shard}
     offsets = np.fromfile(tmp_path / "out" / shard["offsets_file"], dtype=np.int64)
     assert offsets[0] == 0 and offsets[-1] == meta["num_tokens"]
     assert len(offsets) == meta["num_sentences"] + 1
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "meta.json", "shard-00000.offsets.i64", "shard-00000.tokens.u16"]  # no temporary files left
+        "meta.json", "shard-00000.json", "shard-00000.offsets.i64",
+        "shard-00000.tokens.u16"]  # no temporary files left
 
 
 def test_small_shards_hold_the_same_content_as_one(tmp_path, corpus):
     tokenizer_dir, text, lines = corpus
-    encode_corpus(text, tokenizer_dir, tmp_path / "one")
-    meta = encode_corpus(text, tokenizer_dir, tmp_path / "many", shard_lines=500)
+    encode_corpus(text, tokenizer_dir, tmp_path / "one", workers=1)
+    meta = encode_corpus(text, tokenizer_dir, tmp_path / "many", shard_lines=500, workers=1)
     assert len(meta["shards"]) == -(-len(lines) // 500) >= 6
     assert [s["first_line"] for s in meta["shards"]] == list(range(1, len(lines) + 1, 500))
     one, many = TokenShards(tmp_path / "one"), TokenShards(tmp_path / "many")
@@ -116,8 +125,9 @@ def test_small_shards_hold_the_same_content_as_one(tmp_path, corpus):
     for i in range(0, one.num_sentences, 37):
         assert np.array_equal(many.sentence(i), one.sentence(i))
     # Re-encoding into the same folder with bigger shards leaves no stale small shard behind.
-    encode_corpus(text, tokenizer_dir, tmp_path / "many", shard_lines=2000)
-    assert len(list((tmp_path / "many").glob("shard-*"))) == 2 * 2
+    meta = encode_corpus(text, tokenizer_dir, tmp_path / "many", shard_lines=2000, workers=1)
+    assert meta["shards_reused"] == 0  # markers of another shard size never match
+    assert len(list((tmp_path / "many").glob("shard-*"))) == 2 * 3
     assert np.array_equal(TokenShards(tmp_path / "many").lengths(), one.lengths())
 
 
@@ -128,14 +138,14 @@ def test_workers_do_not_change_a_byte(tmp_path, corpus, monkeypatch):
     encode_corpus(text, tokenizer_dir, tmp_path / "w1", shard_lines=1300, workers=1)
     encode_corpus(text, tokenizer_dir, tmp_path / "w2", shard_lines=1300, workers=2)
     files = shard_files(tmp_path / "w1")
-    assert len(files) == 1 + 2 * 3
+    assert len(files) == 1 + 3 * 3
     assert files == shard_files(tmp_path / "w2")
 
 
 def test_truncated_or_missing_files_are_named(tmp_path, corpus):
     tokenizer_dir, text, _ = corpus
     out = tmp_path / "out"
-    encode_corpus(text, tokenizer_dir, out, shard_lines=1000)
+    encode_corpus(text, tokenizer_dir, out, shard_lines=1000, workers=1)
     tokens = out / "shard-00001.tokens.u16"
     data = tokens.read_bytes()
     tokens.write_bytes(data[:-2])
@@ -165,12 +175,76 @@ def test_bad_input_is_reported_with_file_and_line(tmp_path, corpus):
     bad = tmp_path / "bad.txt"
     bad.write_bytes("一行目。\n二行目。\n".encode() + b"\xff\xfe\n")
     with pytest.raises(InputError, match=r"bad.txt, line 3"):
-        encode_corpus(bad, tokenizer_dir, tmp_path / "out")
+        encode_corpus(bad, tokenizer_dir, tmp_path / "out", workers=1)
+    assert not (tmp_path / "out" / "meta.json").exists()
     blank = tmp_path / "blank.txt"
     blank.write_text("\n  \n\n", encoding="utf-8")
     with pytest.raises(InputError, match="blank.txt"):
-        encode_corpus(blank, tokenizer_dir, tmp_path / "out")
+        encode_corpus(blank, tokenizer_dir, tmp_path / "out", workers=1)
+    with pytest.raises(ConfigError, match="workers"):
+        encode_corpus(bad, tokenizer_dir, tmp_path / "out", workers=0)
     with pytest.raises(ConfigError, match="shard_lines"):
         encode_corpus(bad, tokenizer_dir, tmp_path / "out", shard_lines=0)
     with pytest.raises(InputError, match="missing; is this a folder written by train_tokenizer"):
         encode_corpus(bad, tmp_path, tmp_path / "out")
+
+
+def _mtimes(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted(directory.iterdir())}
+
+
+def test_rerun_skips_complete_shards_and_redoes_only_what_changed(tmp_path, corpus):
+    tokenizer_dir, text, lines = corpus
+    out = tmp_path / "out"
+    first = encode_corpus(text, tokenizer_dir, out, shard_lines=1000, workers=1)
+    assert (first["shards_encoded"], first["shards_reused"]) == (4, 0)
+    before, files = _mtimes(out), shard_files(out)
+
+    again = encode_corpus(text, tokenizer_dir, out, shard_lines=1000, workers=2)
+    assert (again["shards_encoded"], again["shards_reused"]) == (0, 4)
+    assert shard_files(out) == files
+    assert {k: v for k, v in _mtimes(out).items() if k != "meta.json"} == \
+        {k: v for k, v in before.items() if k != "meta.json"}  # not one shard file rewritten
+
+    # One line of shard 2 changes (same line count): only shard 2 is encoded again, and the set
+    # equals a fresh encoding of the new text.
+    changed = list(lines)
+    changed[2100] = "吾輩は猫である。名前はまだ無い。"
+    text.with_name("changed.txt").write_text("\n".join(changed) + "\n", encoding="utf-8")
+    edited = text.with_name("changed.txt")
+    before = _mtimes(out)
+    meta = encode_corpus(edited, tokenizer_dir, out, shard_lines=1000, workers=1)
+    assert (meta["shards_encoded"], meta["shards_reused"]) == (1, 3)
+    rewritten = {k for k, v in _mtimes(out).items() if before.get(k) != v}
+    assert rewritten == {"meta.json", "shard-00002.json", "shard-00002.tokens.u16",
+                         "shard-00002.offsets.i64"}
+    encode_corpus(edited, tokenizer_dir, tmp_path / "fresh", shard_lines=1000, workers=1)
+    assert shard_files(out) == shard_files(tmp_path / "fresh")
+
+    # A damaged shard file fails its sha256: that shard alone is encoded again.
+    tokens = out / "shard-00000.tokens.u16"
+    data = bytearray(tokens.read_bytes())
+    data[10] ^= 1
+    tokens.write_bytes(bytes(data))
+    meta = encode_corpus(edited, tokenizer_dir, out, shard_lines=1000, workers=1)
+    assert (meta["shards_encoded"], meta["shards_reused"]) == (1, 3)
+    assert shard_files(out) == shard_files(tmp_path / "fresh")
+
+    # Lines appended: the partial last shard no longer ends the file, so it is encoded again.
+    with open(edited, "a", encoding="utf-8") as handle:
+        handle.write("追加の一行。\n")
+    meta = encode_corpus(edited, tokenizer_dir, out, shard_lines=1000, workers=1)
+    assert (meta["shards_encoded"], meta["shards_reused"]) == (1, 3)
+    assert meta["num_lines"] == len(lines) + 1
+
+
+def test_another_tokenizer_invalidates_every_shard(tmp_path, corpus):
+    tokenizer_dir, text, _ = corpus
+    out = tmp_path / "out"
+    encode_corpus(text, tokenizer_dir, out, shard_lines=1500, workers=1)
+    copy = tmp_path / "tokenizer"
+    shutil.copytree(tokenizer_dir, copy)
+    with open(copy / "tokenizer_config.json", "a", encoding="utf-8") as handle:
+        handle.write("\n")  # same settings, other bytes: the recorded sha256 no longer matches
+    meta = encode_corpus(text, copy, out, shard_lines=1500, workers=1)
+    assert (meta["shards_encoded"], meta["shards_reused"]) == (3, 0)

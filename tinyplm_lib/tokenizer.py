@@ -27,8 +27,10 @@ from tinyplm_lib.encoding import (
     UNK_TOKEN,
     VOCAB_FILE,
     WORDPIECE_FILE,
-    MecabSegmenter,
+    WorkerPool,
     map_in_order,
+    resolve_workers,
+    worker_segmenter,
 )
 from tinyplm_lib.errors import ConfigError, InputError
 from tinyplm_lib.storage import sha256_file
@@ -121,19 +123,13 @@ def sample_sentences(corpus_path: Path, out_path: Path, sample_size: int, seed: 
     return len(lines)
 
 
-_worker_segmenter: MecabSegmenter | None = None
 # The first character of every word, with the space before it: what remains is the word[1:]s.
 _WORD_START = re.compile(r"(?:^| ).")
 
 
-def _init_segment_worker() -> None:
-    global _worker_segmenter
-    _worker_segmenter = MecabSegmenter()
-
-
 def _segment_chunk(lines: list[str]) -> list[str]:
-    assert _worker_segmenter is not None
-    return [_worker_segmenter.segment(line) for line in lines]
+    segmenter = worker_segmenter()
+    return [segmenter.segment(line) for line in lines]
 
 
 def _segment_chunk_with_counts(lines: list[str]) -> tuple[list[str], Counter, set[str]]:
@@ -160,15 +156,16 @@ def _chunked(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
-def segment_lines(lines: Iterable[str], workers: int = 1) -> Iterator[str]:
+def segment_lines(lines: Iterable[str], workers: int | None = 1,
+                  pool: WorkerPool | None = None) -> Iterator[str]:
     """NFKC + MeCab surface forms joined by spaces, one output per input line, in order.
 
-    With `workers > 1`, chunks of lines go to a process pool (`map_in_order`), streaming.
+    With `workers > 1` (None: every core) or a `pool`, chunks of lines go to worker processes
+    (`map_in_order`), streaming.
     """
-    if workers < 1:
-        raise ConfigError("workers", f"must be >= 1, got {workers}")
+    workers = resolve_workers(workers)
     chunks = _chunked(lines, SEGMENT_CHUNK_LINES)
-    results = map_in_order(_segment_chunk, chunks, workers=workers, initializer=_init_segment_worker)
+    results = map_in_order(_segment_chunk, chunks, workers=workers, pool=pool)
     for segmented in results:
         yield from segmented
 
@@ -194,10 +191,9 @@ class _SegmentedSample:
         self.char_counts: Counter[str] = Counter()
         self.non_initial: set[str] = set()
 
-    def write(self, lines: Iterable[str], workers: int) -> None:
+    def write(self, lines: Iterable[str], workers: int, pool: WorkerPool | None) -> None:
         chunks = _chunked(lines, SEGMENT_CHUNK_LINES)
-        results = map_in_order(_segment_chunk_with_counts, chunks, workers=workers,
-                               initializer=_init_segment_worker)
+        results = map_in_order(_segment_chunk_with_counts, chunks, workers=workers, pool=pool)
         with open(self.path, "w", encoding="utf-8") as out:
             for segmented, counts, non_initial in results:
                 for words in segmented:
@@ -260,8 +256,11 @@ def _train_deterministic(sample: _SegmentedSample, settings: TokenizerSettings) 
 
 
 def train_tokenizer(sample_path: Path, out_dir: Path, settings: TokenizerSettings,
-                    workers: int = 1) -> dict:
+                    workers: int | None = None, pool: WorkerPool | None = None) -> dict:
     """Train WordPiece on the MeCab-segmented sample and save a loadable tokenizer folder.
+
+    MeCab runs in `workers` processes (None: every available core), or the given `pool`'s; the
+    Rust trainer then reads the segmented words, never calling back into Python.
 
     `out_dir` gets `vocab.txt` + `tokenizer_config.json` (BertJapaneseTokenizer), `wordpiece.json`
     (the `tokenizers` model, for FastEncoder) and `tinyplm_tokenizer.json` (settings and counts).
@@ -271,6 +270,7 @@ def train_tokenizer(sample_path: Path, out_dir: Path, settings: TokenizerSetting
     from transformers import BertJapaneseTokenizer
 
     settings.validate()
+    workers = pool.workers if pool is not None else resolve_workers(workers)
     sample_path, out_dir = Path(sample_path), Path(out_dir)
     if not sample_path.is_file():
         raise InputError(sample_path, "training sample not found")
@@ -285,7 +285,7 @@ def train_tokenizer(sample_path: Path, out_dir: Path, settings: TokenizerSetting
         stats = {"lines": 0, "chars": 0}
         sample = _SegmentedSample(build / "segmented.txt")
         started = time.perf_counter()
-        sample.write(_read_sample(sample_path, stats), workers)
+        sample.write(_read_sample(sample_path, stats), workers, pool)
         segmented_at = time.perf_counter()
         if sample.words == 0:
             raise InputError(sample_path, "the training sample holds no words")
