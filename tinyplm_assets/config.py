@@ -65,9 +65,10 @@ class Cc100CorpusConfig(Config):
         description="share of documents drawn for validation; None = 1.25 × max_validation_lines / max_lines",
     )
     seed: int = _CC100.seed
+    workers: int = Field(default=0, description="cleaning processes; 0 = all cores")
 
     def to_settings(self) -> Cc100Settings:
-        settings = Cc100Settings(**self.model_dump())
+        settings = Cc100Settings(**self.model_dump(exclude={"workers"}))
         settings.validate()
         return settings
 
@@ -78,9 +79,10 @@ class JawikiCorpusConfig(Config):
     seed: int = _JAWIKI.seed
     min_chars: int = _JAWIKI.min_chars
     max_chars: int = _JAWIKI.max_chars
+    workers: int = Field(default=0, description="parsing and cleaning processes; 0 = all cores")
 
     def to_settings(self) -> JawikiSettings:
-        settings = JawikiSettings(**self.model_dump())
+        settings = JawikiSettings(**self.model_dump(exclude={"workers"}))
         settings.validate()
         return settings
 

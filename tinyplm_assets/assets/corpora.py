@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dagster import AssetExecutionContext, AssetOut, Output, multi_asset
 
-from tinyplm_assets.config import Cc100CorpusConfig, JawikiCorpusConfig
+from tinyplm_assets.config import Cc100CorpusConfig, JawikiCorpusConfig, worker_count
 from tinyplm_assets.metadata import flat_counts, text_sample
 from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_lib.cc100 import build_cc100_corpus
@@ -50,7 +50,8 @@ def cc100_ja_corpus(context: AssetExecutionContext, config: Cc100CorpusConfig,
     """First `max_lines` non-empty NFKC lines of cc100-ja, split by document. Safe to re-run."""
     staged = {split: storage.staging_dir(f"cc100_ja_{split}") for split in ("train", "validation")}
     stats = build_cc100_corpus(single_file(cc100_ja_raw), staged["train"] / SENTENCES,
-                               staged["validation"] / SENTENCES, config.to_settings()).to_dict()
+                               staged["validation"] / SENTENCES, config.to_settings(),
+                               workers=worker_count(config.workers)).to_dict()
     context.log.info(f"cc100-ja corpus: {stats}")
     yield from _outputs("cc100_ja", staged, stats)
 
@@ -70,6 +71,7 @@ def jawiki_corpus(context: AssetExecutionContext, config: JawikiCorpusConfig,
     staged = {split: storage.staging_dir(f"jawiki_{split}") for split in ("train", "validation")}
     stats = build_jawiki_corpus(single_file(jawiki_raw), staged["train"] / SENTENCES,
                                 staged["validation"] / SENTENCES, config.to_settings(),
-                                work_dir=storage.staging_dir("jawiki_work")).to_dict()
+                                work_dir=storage.staging_dir("jawiki_work"),
+                                workers=worker_count(config.workers)).to_dict()
     context.log.info(f"JaWiki corpus: {stats}")
     yield from _outputs("jawiki", staged, stats)
