@@ -378,14 +378,20 @@ def _fetch_once(
                 bar.update(len(chunk))
 
     # http.client returns a short body without error when the peer closes early: count it ourselves.
+    return _checked_size(part, offset, received, length, total, "the server announced"), digest.hexdigest(), offset
+
+
+def _checked_size(part: _PartFile, offset: int, received: int, length: int | None, total: int | None,
+                  announced: str) -> int:
+    """The part's size after a body was read; a short or overlong body is retryable."""
     if length is not None and received != length:
         raise _RetryableError(f"connection closed after {offset + received} of {offset + length} bytes")
     size = offset + received
     if total is not None and size != total:
         if size > total:
             part.reset()
-        raise _RetryableError(f"got {size} bytes but the server announced {total}")
-    return size, digest.hexdigest(), offset
+        raise _RetryableError(f"got {size} bytes but {announced} {total}")
+    return size
 
 
 def _finish_complete_part(
@@ -602,11 +608,4 @@ class _S3Source:
         finally:
             body.close()
 
-        if length is not None and received != length:
-            raise _RetryableError(f"connection closed after {offset + received} of {offset + length} bytes")
-        size = offset + received
-        if total is not None and size != total:
-            if size > total:
-                part.reset()
-            raise _RetryableError(f"got {size} bytes but the object has {total}")
-        return size, digest.hexdigest(), offset
+        return _checked_size(part, offset, received, length, total, "the object has"), digest.hexdigest(), offset
