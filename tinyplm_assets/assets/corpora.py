@@ -71,7 +71,6 @@ def jawiki_corpus(context: AssetExecutionContext, config: JawikiCorpusConfig,
     staged = {split: storage.staging_dir(f"jawiki_{split}") for split in ("train", "validation")}
     stats = build_jawiki_corpus(single_file(jawiki_raw), staged["train"] / SENTENCES,
                                 staged["validation"] / SENTENCES, config.to_settings(),
-                                work_dir=storage.staging_dir("jawiki_work"),
                                 workers=worker_count(config.workers)).to_dict()
     context.log.info(f"JaWiki corpus: {stats}")
     yield from _outputs("jawiki", staged, stats)
