@@ -59,7 +59,7 @@ class ArtifactStorage(ConfigurableResource):
     s3_max_attempts: int = Field(default=5, description="attempts per S3 request before failing")
 
     def store(self) -> ArtifactStore:
-        root = Path(self.home) / "artifacts"
+        root = self._root()
         if not self.s3_bucket:
             return LocalArtifactStore(root, verify_hashes=self.verify_hashes)
         from tinyplm_lib.s3_store import S3ArtifactStore
@@ -72,9 +72,13 @@ class ArtifactStorage(ConfigurableResource):
         return S3Resource(endpoint_url=self.s3_endpoint_url, region_name=self.s3_region,
                           max_attempts=self.s3_max_attempts).get_client()
 
+    def _root(self) -> Path:
+        return Path(self.home) / "artifacts"
+
     def staging_dir(self, label: str) -> Path:
         """An empty directory on the store's filesystem, for an asset to write its value into."""
-        return self.store().staging_dir(label)
+        # Staging is always local (under the same root for either store): no S3 client needed.
+        return LocalArtifactStore(self._root()).staging_dir(label)
 
     def downloads_dir(self) -> Path:
         """Persistent partial downloads, kept across runs so an interrupted download resumes."""
