@@ -114,10 +114,6 @@ class PackedSequences(torch.utils.data.Dataset):
         attention = (torch.arange(width)[None, :] < torch.from_numpy(lengths)[:, None]).long()
         return ids, attention
 
-    def num_tokens(self) -> int:
-        """Non-padding tokens over all sequences (specials included)."""
-        return int(self.seq_lengths.sum())
-
 
 class MicroBatches(torch.utils.data.Dataset):
     """The masked micro-batches of a run, from (start_epoch, start_micro) on, for one DataLoader.
