@@ -18,6 +18,7 @@ from pydantic import Field
 
 from tinyplm_assets.resources import PROJECT_ROOT
 from tinyplm_lib.cc100 import Cc100Settings
+from tinyplm_lib.distributed import default_processes
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.jawiki import JawikiSettings
 from tinyplm_lib.tokenizer import TokenizerSettings
@@ -127,6 +128,21 @@ class RuntimeConfig(Config):
         return RuntimeOptions(**self.model_dump())
 
 
+class DistributedConfig(Config):
+    """How many training processes (`torchrun`, DDP) a stage uses; see `tinyplm_lib.distributed`."""
+
+    processes: int = Field(default=0, description="0 = one per visible GPU when there are several, else 1; "
+                                                  "above 1 the stage runs under torchrun (gloo on CPU)")
+    master_addr: str = Field(default="127.0.0.1", description="torchrun rendezvous address")
+    master_port: int = Field(default=0, description="torchrun rendezvous port; 0 = a free one")
+    torchrun_args: list[str] = Field(default_factory=list, description="extra torchrun arguments, as they are")
+
+    def resolve(self) -> int:
+        if self.processes < 0:
+            raise ConfigError("distributed.processes", f"must be >= 0, got {self.processes}")
+        return self.processes or default_processes()
+
+
 class TrainingStageConfig(Config):
     model_config_path: str = Field(
         default="configs/model/bert-tiny-custom.json", description="HF BertConfig JSON"
@@ -138,6 +154,8 @@ class TrainingStageConfig(Config):
     learning_rate: Optional[float] = Field(default=None, description="overrides the JSON's learning_rate")
     per_device_train_batch_size: Optional[int] = Field(default=None, description="overrides the JSON's")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="speed-only settings")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig,
+                                           description="data-parallel processes (torchrun)")
 
     def to_options(self, init_from: Path | None = None) -> StageOptions:
         return StageOptions(

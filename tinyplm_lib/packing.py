@@ -122,12 +122,20 @@ class MicroBatches(torch.utils.data.Dataset):
     the sequences `order[m*batch:(m+1)*batch]` of its epoch's permutation (seeded by
     (seed, epoch)), masked with a generator seeded by (seed, epoch, m). So any process, and a
     resumed run, builds the same batches; one loader spans epochs, so workers start once.
+
+    With `world > 1` a micro-batch is global: `batch_size × world` sequences, drawn and masked as
+    one batch of that size in a one-process run, of which process `rank` keeps rows
+    `[rank × batch_size, (rank + 1) × batch_size)`. Items also carry the global micro-batch's
+    masked-token and token counts, so the loss is normalised (and tokens counted) exactly as in
+    one process without any communication.
     """
 
     def __init__(self, sequences: PackedSequences, batch_size: int, spec: MaskingSpec, *, seed: int,
-                 per_epoch: int, start_epoch: int, start_micro: int, count: int) -> None:
+                 per_epoch: int, start_epoch: int, start_micro: int, count: int,
+                 rank: int = 0, world: int = 1) -> None:
         self.sequences, self.batch_size, self.spec, self.seed = sequences, batch_size, spec, seed
         self.per_epoch, self.start_epoch, self.start_micro, self.count = per_epoch, start_epoch, start_micro, count
+        self.rank, self.world = rank, world
         self._orders: dict[int, np.ndarray] = {}
 
     def order(self, epoch: int) -> np.ndarray:
@@ -141,11 +149,16 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         flat = self.start_micro + k
         epoch, micro = self.start_epoch + flat // self.per_epoch, flat % self.per_epoch
-        chosen = self.order(epoch)[micro * self.batch_size:(micro + 1) * self.batch_size]
+        size = self.batch_size * self.world
+        chosen = self.order(epoch)[micro * size:(micro + 1) * size]
         ids, attention = self.sequences.batch(chosen)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 100_003 + micro)
         inputs, labels = mask_tokens(ids, self.spec, generator)
-        return epoch, micro, inputs, labels, attention
+        masked, tokens = int((labels != IGNORE_INDEX).sum()), int(attention.sum())
+        if self.world > 1:
+            rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+            inputs, labels, attention = inputs[rows].contiguous(), labels[rows].contiguous(), attention[rows].contiguous()
+        return epoch, micro, inputs, labels, attention, masked, tokens
 
 
 @dataclass(frozen=True)

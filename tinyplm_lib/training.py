@@ -14,6 +14,7 @@ settings, resumes exactly where the last checkpoint left off. Usable from a note
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import logging
@@ -31,6 +32,7 @@ from transformers import BertConfig, BertForMaskedLM, TrainingArguments, get_sch
 from tinyplm_lib.checkpoints import (FORMAT_VERSION, CheckpointSink, find_resumable, restore_checkpoint,
                                      save_to_sink, settings_fingerprint)
 from tinyplm_lib.curves import loss_curve_png, write_tensorboard
+from tinyplm_lib.distributed import World, pick_device, single
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.packing import IGNORE_INDEX, MaskingSpec, MicroBatches, PackedSequences, mask_tokens
 from tinyplm_lib.storage import sha256_file
@@ -94,10 +96,6 @@ class RuntimeOptions:
         if precision == "fp32":
             return torch.autocast(device.type, enabled=False)
         return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build_model(model_config: Path, vocab_size: int, max_seq_length: int, init_from: Path | None):
@@ -202,6 +200,7 @@ def train_stage(
     checkpoints: CheckpointSink | None = None,
     on_step: Callable[[int], None] | None = None,
     runtime: RuntimeOptions | None = None,
+    world: World | None = None,
 ) -> dict:
     """Train one stage into `out_dir` (a Hugging Face model folder); return its metrics.
 
@@ -210,6 +209,10 @@ def train_stage(
     from the newest one, ending with the weights and metrics of an uninterrupted run; the sink is
     cleared once `out_dir` is written. `on_step(step)` runs after every optimizer step and its
     checkpoint (tests raise from it to simulate a crash).
+
+    Under torchrun pass `world=distributed.from_env()`: every process trains on its slice of each
+    global micro-batch (see `tinyplm_lib.distributed`), rank 0 alone evaluates, saves checkpoints
+    and writes `out_dir`, and only rank 0 returns the metrics (the others return {}).
     """
     out_dir = Path(out_dir)
     args, extras = load_training_arguments(options.training_args, out_dir / "trainer", options.overrides)
@@ -219,7 +222,8 @@ def train_stage(
                           "stage 2 must use the tokenizer stage 1 was trained with")
     runtime = runtime or RuntimeOptions()
     spec = masking_spec(tokenizer_dir, float(extras.get("mlm_probability", 0.15)))
-    device = pick_device()
+    world = world or single()
+    device = world.device
     precision = runtime.resolve_precision(device)
     if device.type == "cuda" and runtime.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -234,28 +238,32 @@ def train_stage(
         raise ConfigError("corpus", "the train or validation token shards are empty")
     batch = args.per_device_train_batch_size
     accumulation = args.gradient_accumulation_steps
-    steps_per_epoch = len(train_set) // (batch * accumulation)
+    steps_per_epoch = len(train_set) // (batch * world.size * accumulation)
     if steps_per_epoch == 0:
         raise ConfigError("per_device_train_batch_size", f"{len(train_set)} packed sequences do not fill one "
-                          f"optimizer step of {batch} x {accumulation} (gradient_accumulation_steps) sequences")
+                          f"optimizer step of {batch} x {world.size} (processes) x {accumulation} "
+                          "(gradient_accumulation_steps) sequences")
     total_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
     eval_kwargs = {"batch_size": args.per_device_eval_batch_size, "device": device, "runtime": runtime,
                    "seed": args.seed, "max_sequences": options.max_eval_sequences}
     settings = _fingerprint_inputs(args, options, spec, max_seq_length, total_steps, train_set, eval_set)
+    settings["processes"] = world.size  # another process count draws other batches: not resumable
     fingerprint = settings_fingerprint(settings)
-    resume = find_resumable(checkpoints, settings, log) if checkpoints is not None else None
+    resume = _find_resumable(checkpoints, settings, log, world)
 
+    initial_loss = untrained_loss = None  # measured on rank 0 only
     if resume is not None:  # measured by the first attempt; the model is no longer untrained
         initial_loss, untrained_loss = resume["state"]["initial_eval_loss"], resume["state"]["untrained_eval_loss"]
-    else:
+    elif world.is_main:
         initial_loss = untrained_loss = evaluate(model, eval_set, spec, **eval_kwargs)["loss"]
         if options.init_from is not None:
             torch.manual_seed(args.seed)
             fresh = build_model(options.model_config, spec.vocab_size, max_seq_length, None).to(device)
             untrained_loss = evaluate(fresh, eval_set, spec, **eval_kwargs)["loss"]
             del fresh
-    log(f"device {device} ({precision}); {len(train_set)} packed sequences of ≤{max_seq_length} tokens; "
-        f"{total_steps} steps; eval loss before training {initial_loss:.3f}")
+    if world.is_main:
+        log(f"device {device} ({precision}) x {world.size} processes; {len(train_set)} packed sequences of "
+            f"≤{max_seq_length} tokens; {total_steps} steps; eval loss before training {initial_loss:.3f}")
 
     optimizer = _optimizer(model, args)
     scheduler = get_scheduler(args.lr_scheduler_type, optimizer,
@@ -276,41 +284,55 @@ def train_stage(
         tokens_seen, history = saved["tokens_seen"], saved["history"]
         running_loss, running_count = saved["running_loss"], saved["running_count"]
         started -= saved["elapsed_s"]
+        if world.distributed:  # the checkpoint holds rank 0's random state; dropout differs per rank
+            torch.manual_seed(args.seed + 7919 * world.rank + step)
         log(f"resumed from {resume['directory']} at step {step}/{total_steps} "
             f"(epoch {epoch}, micro-batch {next_micro})")
         del resume  # the read copy of weights and moments (three model sizes) is no longer needed
     resumed_from_step = step
+    if world.distributed and resumed_from_step == 0 and not world.is_main:
+        torch.manual_seed(args.seed + 7919 * world.rank)  # same initial weights, own dropout stream
     save_every = _save_interval(args, total_steps, checkpoints, log)
     # Only whole optimizer steps per epoch: a shorter tail would otherwise leak its gradients
     # into the next epoch's first step.
     micro_per_epoch = steps_per_epoch * accumulation
     if runtime.compile:
         model.bert.compile(dynamic=True)  # in place: parameter names (and the saved file) unchanged
+    forward = _MaskedLM(model)
+    if world.distributed:
+        forward = torch.nn.parallel.DistributedDataParallel(
+            forward, device_ids=[device.index] if device.type == "cuda" else None)
     # The running loss stays on the device: a .item() per micro-batch would stall a GPU.
     loss_sum = torch.tensor(running_loss, dtype=torch.float64, device=device)
     stopped_early = False
     model.train()
     workers = runtime.dataloader_workers
     batches = MicroBatches(train_set, batch, spec, seed=args.seed, per_epoch=micro_per_epoch, start_epoch=epoch,
-                           start_micro=next_micro, count=(total_steps - step) * accumulation)
+                           start_micro=next_micro, count=(total_steps - step) * accumulation,
+                           rank=world.rank, world=world.size)
     loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
                                          pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                                          # Its own generator: drawing worker seeds from the global one
                                          # would shift dropout's random stream on resume.
                                          generator=torch.Generator().manual_seed(args.seed))
     if step < total_steps:
-        for epoch, micro_index, inputs, labels, attention in loader:
-            tokens_seen += int(attention.sum())
+        for epoch, micro_index, inputs, labels, attention, global_masked, global_tokens in loader:
+            tokens_seen += int(global_tokens)
             inputs, labels, attention = (t.to(device, non_blocking=True) for t in (inputs, labels, attention))
-            with runtime.autocast(device):
-                logits, targets = masked_predictions(model, inputs, attention, labels)
-            # An all-unmasked batch (possible for tiny ones) contributes a zero, not a NaN.
-            loss = (torch.nn.functional.cross_entropy(logits.float(), targets) if targets.numel()
-                    else logits.sum() * 0.0)
-            scaler.scale(loss / accumulation).backward()
+            boundary = (micro_index + 1) % accumulation == 0
+            # Gradients are all-reduced once per optimizer step, not per accumulated micro-batch.
+            with _no_sync(forward, world, boundary):
+                with runtime.autocast(device):
+                    logits, targets = forward(inputs, attention, labels)
+                # Summed over this slice and divided by the global masked count (times the
+                # world size, which DDP's gradient averaging divides out): the mean over the
+                # global micro-batch, as one process computes it. No masked token gives 0, not NaN.
+                loss = (torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+                        * (world.size / max(int(global_masked), 1)))
+                scaler.scale(loss / accumulation).backward()
             loss_sum += loss.detach().double()
             running_count += 1
-            if (micro_index + 1) % accumulation:
+            if not boundary:
                 continue
             scaler.unscale_(optimizer)
             if args.max_grad_norm and args.max_grad_norm > 0:
@@ -321,20 +343,21 @@ def train_stage(
             optimizer.zero_grad(set_to_none=True)
             step += 1
             if step % max(1, int(args.logging_steps)) == 0 or step == total_steps:
-                entry = {"step": step, "train_loss": loss_sum.item() / running_count,
+                world.sum(loss_sum)  # each rank holds its share of every global micro-batch's mean
+                entry = {"step": step, "train_loss": loss_sum.item() / (running_count * world.size),
                          "learning_rate": scheduler.get_last_lr()[0], "tokens_seen": tokens_seen,
                          "elapsed_s": time.perf_counter() - started}
                 history.append(entry)
                 loss_sum.zero_()
                 running_count = 0
                 log(f"step {step}/{total_steps} loss {entry['train_loss']:.4f}")
-            if _eval_due(args, step, total_steps):
+            if _eval_due(args, step, total_steps) and world.is_main:
                 eval_loss = evaluate(model, eval_set, spec, **eval_kwargs)["loss"]
                 if history and history[-1]["step"] == step:
                     history[-1]["eval_loss"] = eval_loss
                 else:
                     history.append({"step": step, "eval_loss": eval_loss})
-            if save_every and step % save_every == 0 and step < total_steps:
+            if save_every and step % save_every == 0 and step < total_steps and world.is_main:
                 # At an optimizer-step boundary the gradients are empty: the state is complete.
                 state = {"global_step": step, "epoch": epoch, "next_micro_index": micro_index + 1,
                          "tokens_seen": tokens_seen, "running_loss": loss_sum.item(),
@@ -346,12 +369,16 @@ def train_stage(
                              model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
             if on_step is not None:
                 on_step(step)
-            if runtime.max_wall_time_s is not None and time.perf_counter() - started >= runtime.max_wall_time_s:
+            if runtime.max_wall_time_s is not None and world.broadcast_flag(
+                    time.perf_counter() - started >= runtime.max_wall_time_s):
                 stopped_early = step < total_steps
                 break
             if step >= total_steps:
                 break
     wall = time.perf_counter() - started
+    if not world.is_main:
+        world.barrier()  # rank 0 evaluates and publishes; the others wait for it to finish
+        return {}
 
     final = evaluate(model, eval_set, spec, **eval_kwargs)
     metrics = {
@@ -362,7 +389,7 @@ def train_stage(
         "global_step": step, "epochs": epoch + 1, "tokens_seen": tokens_seen,
         "tokens_per_s": tokens_seen / wall if wall > 0 else None, "wall_time_s": wall,
         "resumed_from_step": resumed_from_step, "stopped_early": stopped_early, "precision": precision,
-        "device": str(device), "max_seq_length": max_seq_length,
+        "device": str(device), "processes": world.size, "max_seq_length": max_seq_length,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_sequences": len(train_set), "history": history,
     }
@@ -371,7 +398,36 @@ def train_stage(
         checkpoints.clear()  # only now: the output above is what they were kept for
     log(f"eval loss {final['loss']:.3f} (untrained {untrained_loss:.3f}), "
         f"accuracy {final['accuracy']:.3f}, perplexity {final['perplexity']:.1f}")
+    world.barrier()
     return metrics
+
+
+class _MaskedLM(torch.nn.Module):
+    """`masked_predictions` as a module's forward, so DistributedDataParallel can wrap it."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs, attention, labels):
+        return masked_predictions(self.model, inputs, attention, labels)
+
+
+def _no_sync(forward, world: World, boundary: bool):
+    if world.distributed and not boundary:
+        return forward.no_sync()
+    return contextlib.nullcontext()
+
+
+def _find_resumable(checkpoints: CheckpointSink | None, settings: dict, log, world: World) -> dict | None:
+    """Rank 0 looks first (an S3 sink fills its local cache); the others then read the same files."""
+    if checkpoints is None:
+        return None
+    resume = find_resumable(checkpoints, settings, log) if world.is_main else None
+    world.barrier()
+    if not world.is_main:
+        resume = find_resumable(checkpoints, settings, lambda message: None)
+    return resume
 
 
 def _fingerprint_inputs(args, options: StageOptions, spec: MaskingSpec, max_seq_length: int, total_steps: int,

@@ -16,19 +16,13 @@ from dagster import AssetExecutionContext, MetadataValue, Output, asset
 from tinyplm_assets.config import Stage1Config, Stage2Config
 from tinyplm_assets.metadata import flat_counts
 from tinyplm_assets.resources import ArtifactStorage
-from tinyplm_lib.checkpoints import StoreCheckpointSink
-from tinyplm_lib.storage import artifact_key
-from tinyplm_lib.training import train_stage
+from tinyplm_assets.training_launch import run_stage
 
 # Read by dagster-k8s (pod resources) and by our docker deployment; a GPU box only runs these.
 GPU_OP_TAGS = {
     "tinyplm/gpu": "1",
     "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}},
 }
-
-
-def _checkpoints(storage: ArtifactStorage, asset_name: str) -> StoreCheckpointSink:
-    return StoreCheckpointSink(storage.store(), artifact_key(["checkpoints", asset_name]))
 
 
 def _result(metrics: dict, out_dir: Path) -> Output:
@@ -48,10 +42,9 @@ def bert_stage1_cc100(context: AssetExecutionContext, config: Stage1Config, stor
     Re-running after a finished run retrains from scratch; after an interrupted one it resumes
     from the last checkpoint (if the settings and data are unchanged).
     """
-    out_dir = storage.staging_dir("bert_stage1_cc100")
-    metrics = train_stage(cc100_ja_tokens / "train", cc100_ja_tokens / "validation", wordpiece_tokenizer,
-                          out_dir, config.to_options(), log=context.log.info,
-                          checkpoints=_checkpoints(storage, "bert_stage1_cc100"), runtime=config.runtime.to_options())
+    metrics, out_dir = run_stage(context, config, storage, "bert_stage1_cc100", train_dir=cc100_ja_tokens / "train",
+                                 validation_dir=cc100_ja_tokens / "validation", tokenizer_dir=wordpiece_tokenizer,
+                                 options=config.to_options())
     return _result(metrics, out_dir)
 
 
@@ -59,8 +52,7 @@ def bert_stage1_cc100(context: AssetExecutionContext, config: Stage1Config, stor
 def bert_stage2_jawiki(context: AssetExecutionContext, config: Stage2Config, storage: ArtifactStorage,
                        bert_stage1_cc100: Path, jawiki_tokens: Path, wordpiece_tokenizer: Path) -> Output:
     """Stage 1 continued on JaWiki: the model users take home. Resumes like stage 1."""
-    out_dir = storage.staging_dir("bert_stage2_jawiki")
-    metrics = train_stage(jawiki_tokens / "train", jawiki_tokens / "validation", wordpiece_tokenizer,
-                          out_dir, config.to_options(init_from=bert_stage1_cc100), log=context.log.info,
-                          checkpoints=_checkpoints(storage, "bert_stage2_jawiki"), runtime=config.runtime.to_options())
+    metrics, out_dir = run_stage(context, config, storage, "bert_stage2_jawiki", train_dir=jawiki_tokens / "train",
+                                 validation_dir=jawiki_tokens / "validation", tokenizer_dir=wordpiece_tokenizer,
+                                 options=config.to_options(init_from=bert_stage1_cc100))
     return _result(metrics, out_dir)

@@ -1,0 +1,86 @@
+"""Two-process data-parallel training on CPU (gloo) keeps the single-process contract.
+
+`torchrun` starts 2 real processes on 127.0.0.1. With dropout off and fp32, 2 processes with a
+per-device batch of 4 must compute the same updates as 1 process with a batch of 8: same global
+step, same losses (to float rounding), one model folder written by rank 0. The Dagster path
+(torchrun launched from the asset through Dagster Pipes) is in test_distributed_asset.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from test_training import ARGS, MODEL, data  # noqa: F401  (the module fixture)
+from tinyplm_lib.distributed import loopback_env, torchrun_command
+from tinyplm_lib.training import RuntimeOptions, StageOptions, train_stage
+
+pytestmark = pytest.mark.slow
+
+WORKER = """
+import json, sys
+from pathlib import Path
+from tinyplm_lib import distributed
+from tinyplm_lib.checkpoints import LocalCheckpointSink
+from tinyplm_lib.training import RuntimeOptions, StageOptions, train_stage
+data, out, model, args, batch = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
+world = distributed.from_env()
+options = StageOptions(model_config=model, training_args=args, max_seq_length=64,
+                       overrides={"max_steps": 12, "logging_steps": 3, "per_device_train_batch_size": batch,
+                                  "save_steps": 5})
+metrics = train_stage(data / "shards" / "train", data / "shards" / "validation", data / "tok", out, options,
+                      print, runtime=RuntimeOptions(precision="fp32", dataloader_workers=0), world=world,
+                      checkpoints=LocalCheckpointSink(out.parent / "ckpt"))
+(out.parent / f"rank{world.rank}.json").write_text(json.dumps(metrics))
+distributed.shutdown()
+"""
+
+
+@pytest.fixture(scope="module")
+def no_dropout(tmp_path_factory) -> Path:
+    """The demo model without dropout, so processes differ only by float rounding."""
+    config = json.loads(MODEL.read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    path = tmp_path_factory.mktemp("model") / "bert-demo-no-dropout.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _options(model: Path, batch: int) -> StageOptions:
+    return StageOptions(model_config=model, training_args=ARGS, max_seq_length=64,
+                        overrides={"max_steps": 12, "logging_steps": 3, "per_device_train_batch_size": batch})
+
+
+def test_two_gloo_processes_match_one_process_with_twice_the_batch(data, no_dropout, tmp_path):  # noqa: F811
+    single = train_stage(data / "shards" / "train", data / "shards" / "validation", data / "tok",
+                         tmp_path / "single", _options(no_dropout, 8), runtime=RuntimeOptions(
+                             precision="fp32", dataloader_workers=0))
+
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "ddp" / "model"
+    command = torchrun_command(2, [str(script), str(data), str(out), str(no_dropout), str(ARGS), "4"])
+    env = dict(os.environ, **loopback_env("127.0.0.1"), PYTHONUNBUFFERED="1")
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    rank0 = json.loads((tmp_path / "ddp" / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "ddp" / "rank1.json").read_text())
+    assert rank1 == {}, "only rank 0 reports metrics"
+    assert rank0["processes"] == 2 and single["processes"] == 1
+    assert rank0["global_step"] == single["global_step"] == 12
+    assert rank0["tokens_seen"] == single["tokens_seen"]
+    assert rank0["initial_eval_loss"] == pytest.approx(single["initial_eval_loss"], rel=1e-6)
+    for ours, theirs in zip(rank0["history"], single["history"], strict=True):
+        assert ours["step"] == theirs["step"]
+        assert ours["train_loss"] == pytest.approx(theirs["train_loss"], rel=2e-4)
+    assert rank0["eval_loss"] == pytest.approx(single["eval_loss"], rel=2e-4)
+    assert rank0["eval_loss"] < rank0["initial_eval_loss"]
+    # One standard model folder, written by rank 0; checkpoints cleared once it was written.
+    assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
+    assert not list((tmp_path / "ddp" / "ckpt").glob("step-*"))
+    assert "device cpu (fp32) x 2 processes" in done.stdout

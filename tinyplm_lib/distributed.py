@@ -1,0 +1,133 @@
+"""Data-parallel training across processes: the rank's place in the world and its device.
+
+A stage runs as one process (`single()`) or as one of `torchrun`'s processes (`from_env()`, which
+reads the RANK / WORLD_SIZE / LOCAL_RANK variables torchrun sets and joins the process group: NCCL
+on GPUs, gloo on CPUs). `torchrun_command()` builds the launch command for one machine.
+
+The contract a multi-process run keeps: `per_device_train_batch_size` is per process, as in Hugging
+Face, so an optimizer step sees `batch × processes × gradient_accumulation_steps` sequences. Every
+process draws the same *global* micro-batch (the one a single process with the larger batch would
+draw, masked the same way) and trains on its own slice of it, with the loss normalised by the
+global number of masked tokens; so, dropout aside, N processes compute the same updates as one
+process with an N-times larger batch. Rank 0 alone evaluates, saves checkpoints and writes the
+model folder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as torch_dist
+
+from tinyplm_lib.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's rank among `size` processes, and the device it trains on."""
+
+    rank: int
+    size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch_dist.barrier()
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """All-reduce (sum) in place across processes; a no-op for one process."""
+        if self.distributed:
+            torch_dist.all_reduce(tensor, op=torch_dist.ReduceOp.SUM)
+        return tensor
+
+    def broadcast_flag(self, flag: bool) -> bool:
+        """Rank 0's decision, for all ranks (they must stop at the same step)."""
+        if not self.distributed:
+            return flag
+        value = torch.tensor([1 if flag else 0], device=self.device)
+        torch_dist.broadcast(value, src=0)
+        return bool(value.item())
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def single() -> World:
+    """The world of a plain one-process run."""
+    return World(rank=0, size=1, local_rank=0, device=pick_device())
+
+
+def from_env() -> World:
+    """Join the process group torchrun set up (a one-process world when not under torchrun)."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    if size <= 1:
+        return single()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError("processes", f"local rank {local_rank} but only {torch.cuda.device_count()} "
+                                           "visible GPUs: use at most one process per GPU")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return World(rank=rank, size=size, local_rank=local_rank, device=device)
+
+
+def shutdown() -> None:
+    if torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+def default_processes() -> int:
+    """One process per visible GPU when there are several; otherwise one (train in-process)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def torchrun_command(processes: int, target: Sequence[str], *, master_addr: str = "127.0.0.1",
+                     master_port: int = 0, extra_args: Sequence[str] = ()) -> list[str]:
+    """`python -m torch.distributed.run …` for `processes` workers on this machine running `target`.
+
+    The interpreter is this one (so the same virtualenv), and the rendezvous is static on
+    `master_addr:master_port` (a free loopback port by default), so nothing listens beyond the
+    machine unless asked. `extra_args` go to torchrun as they are (e.g. multi-node settings).
+    """
+    if processes < 1:
+        raise ConfigError("processes", f"must be >= 1, got {processes}")
+    port = master_port or free_port(master_addr)
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={processes}",
+            f"--master-addr={master_addr}", f"--master-port={port}", *extra_args, *target]
+
+
+def loopback_env(master_addr: str) -> dict[str, str]:
+    """Keep gloo/NCCL sockets on the loopback interface for a one-machine run on 127.0.0.1.
+
+    Without it gloo binds the address the host name resolves to, which may be a public one.
+    """
+    if master_addr not in ("127.0.0.1", "localhost"):
+        return {}
+    return {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
