@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from test_training import ARGS, MODEL, data  # noqa: F401  (the module fixture)
@@ -22,19 +25,21 @@ from tinyplm_lib.training import RuntimeOptions, StageOptions, train_stage
 pytestmark = pytest.mark.slow
 
 WORKER = """
-import json, sys
+import json, sys, time
 from pathlib import Path
 from tinyplm_lib import distributed
 from tinyplm_lib.checkpoints import LocalCheckpointSink
 from tinyplm_lib.training import RuntimeOptions, StageOptions, train_stage
 data, out, model, args, batch = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
+steps, pace = int(sys.argv[6]), float(sys.argv[7])
 world = distributed.from_env()
+distributed.exit_with_parent()  # torchrun's agent: killing it must take the workers down too
 options = StageOptions(model_config=model, training_args=args, max_seq_length=64,
-                       overrides={"max_steps": 12, "logging_steps": 3, "per_device_train_batch_size": batch,
+                       overrides={"max_steps": steps, "logging_steps": 3, "per_device_train_batch_size": batch,
                                   "save_steps": 5})
 metrics = train_stage(data / "shards" / "train", data / "shards" / "validation", data / "tok", out, options,
                       print, runtime=RuntimeOptions(precision="fp32", dataloader_workers=0), world=world,
-                      checkpoints=LocalCheckpointSink(out.parent / "ckpt"))
+                      checkpoints=LocalCheckpointSink(out.parent / "ckpt"), on_step=lambda step: time.sleep(pace))
 (out.parent / f"rank{world.rank}.json").write_text(json.dumps(metrics))
 distributed.shutdown()
 """
@@ -50,6 +55,15 @@ def no_dropout(tmp_path_factory) -> Path:
     return path
 
 
+ENV = dict(os.environ, **loopback_env("127.0.0.1"), PYTHONUNBUFFERED="1")
+
+
+def _command(tmp_path: Path, data: Path, out: Path, model: Path, *, steps: int, pace: float = 0.0) -> list[str]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    return torchrun_command(2, [str(script), str(data), str(out), str(model), str(ARGS), "4", str(steps), str(pace)])
+
+
 def _options(model: Path, batch: int) -> StageOptions:
     return StageOptions(model_config=model, training_args=ARGS, max_seq_length=64,
                         overrides={"max_steps": 12, "logging_steps": 3, "per_device_train_batch_size": batch})
@@ -60,12 +74,9 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(data, no_drop
                          tmp_path / "single", _options(no_dropout, 8), runtime=RuntimeOptions(
                              precision="fp32", dataloader_workers=0))
 
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
     out = tmp_path / "ddp" / "model"
-    command = torchrun_command(2, [str(script), str(data), str(out), str(no_dropout), str(ARGS), "4"])
-    env = dict(os.environ, **loopback_env("127.0.0.1"), PYTHONUNBUFFERED="1")
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    done = subprocess.run(_command(tmp_path, data, out, no_dropout, steps=12), capture_output=True, text=True,
+                          env=ENV, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     rank0 = json.loads((tmp_path / "ddp" / "rank0.json").read_text())
@@ -84,3 +95,31 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(data, no_drop
     assert (out / "model.safetensors").is_file() and (out / "metrics.json").is_file()
     assert not list((tmp_path / "ddp" / "ckpt").glob("step-*"))
     assert "device cpu (fp32) x 2 processes" in done.stdout
+
+
+def test_two_processes_killed_midway_resume_from_the_checkpoint(data, no_dropout, tmp_path):  # noqa: F811
+    """SIGKILL torchrun's agent once a checkpoint exists: its workers (in sessions of their own)
+    must exit too, and the re-run resumes from the checkpoint."""
+    out = tmp_path / "ddp" / "model"
+    victim = subprocess.Popen(_command(tmp_path, data, out, no_dropout, steps=20, pace=0.3), env=ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "ddp" / "ckpt").glob("step-*")):
+        assert victim.poll() is None, victim.communicate()[0][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.2)
+    workers = psutil.Process(victim.pid).children(recursive=True)
+    assert len(workers) == 2
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"workers outlived torchrun: {alive}"
+    assert not (out / "metrics.json").exists()
+
+    done = subprocess.run(_command(tmp_path, data, out, no_dropout, steps=20), capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "rank0.json").read_text())
+    assert metrics["global_step"] == 20 and metrics["processes"] == 2
+    assert metrics["resumed_from_step"] in (5, 10, 15), done.stdout[-3000:]
+    assert "resumed from" in done.stdout

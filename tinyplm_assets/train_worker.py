@@ -22,13 +22,14 @@ from tinyplm_lib.training import RuntimeOptions, StageOptions, train_stage
 
 def stage_spec(train_dir: Path, validation_dir: Path, tokenizer_dir: Path, out_dir: Path,
                options: StageOptions, runtime: RuntimeOptions, storage: dict | None,
-               checkpoint_prefix: str | None) -> dict:
+               checkpoint_prefix: str | None, launcher_pid: int) -> dict:
     """Everything a rank needs, as JSON (the storage resource's resolved fields, never credentials)."""
     return {
         "train_dir": str(train_dir), "validation_dir": str(validation_dir),
         "tokenizer_dir": str(tokenizer_dir), "out_dir": str(out_dir),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
         "runtime": asdict(runtime), "storage": storage, "checkpoint_prefix": checkpoint_prefix,
+        "launcher_pid": launcher_pid,
     }
 
 
@@ -60,6 +61,8 @@ def main(argv: list[str]) -> int:
         return 2
     spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
     world = distributed.from_env()
+    # Killed with the Dagster step (or torchrun's agent), not left training as orphans.
+    distributed.exit_with_parent(spec["launcher_pid"])
     try:
         if world.is_main:
             with open_dagster_pipes() as pipes:

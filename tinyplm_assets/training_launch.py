@@ -10,6 +10,7 @@ go to the same store, so a killed multi-process stage resumes like a single-proc
 """
 
 import json
+import os
 import tempfile
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def run_stage(context: AssetExecutionContext, config: TrainingStageConfig, stora
         return metrics, out_dir
 
     settings = {name: getattr(storage, name) for name in type(storage).model_fields}
-    spec = stage_spec(train_dir, validation_dir, tokenizer_dir, out_dir, options, runtime, settings, prefix)
+    spec = stage_spec(train_dir, validation_dir, tokenizer_dir, out_dir, options, runtime, settings, prefix,
+                      launcher_pid=os.getpid())
     launch = config.distributed
     with tempfile.TemporaryDirectory(prefix="tinyplm-torchrun-") as scratch:
         spec_path = Path(scratch) / "spec.json"

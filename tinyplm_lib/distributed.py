@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -95,6 +97,34 @@ def from_env() -> World:
 def shutdown() -> None:
     if torch_dist.is_initialized():
         torch_dist.destroy_process_group()
+
+
+def exit_with_parent(*watched: int, interval: float = 0.5) -> None:
+    """Exit this process as soon as its parent, or any process in `watched`, is gone.
+
+    torchrun starts its workers in sessions of their own, so killing the launching process (a
+    preempted or cancelled Dagster step) would leave them training on, orphaned, next to the re-run
+    that resumes from the same checkpoints. A daemon thread checks twice a second.
+    """
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent or not all(_alive(pid) for pid in watched):
+                os._exit(70)  # EX_SOFTWARE; nothing to flush: rank 0 writes output only when done
+            time.sleep(interval)
+
+    threading.Thread(target=watch, name="tinyplm-exit-with-parent", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def default_processes() -> int:
