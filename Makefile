@@ -7,9 +7,10 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test dagster-home clean
+.PHONY: install demo test browser dagster-home clean
 
-# torch first and exactly pinned: it comes from the CPU wheel; a looser range would pull CUDA.
+# torch first and exactly pinned: here pip finds a local CPU wheel for it (a looser range would pull
+# the multi-GB CUDA build); in the docker image the same line installs the CUDA build on purpose.
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet torch==2.13.0
@@ -27,7 +28,17 @@ demo: install dagster-home
 	$(VENV)/bin/dagster job execute -m tinyplm_assets -j pretrain_all -c configs/demo.yaml
 	@$(PY) -m tinyplm_assets.locate bert_stage2_jawiki
 
-test: install
+# tests/test_ui_browser.py drives Debian's chromium: installed here when missing and we are root,
+# otherwise a hint (that test then skips; with CI set it fails instead).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium; \
+	  else \
+	    echo "chromium is missing: 'sudo apt-get install chromium' runs the browser test (skipped without it)"; \
+	  fi; }
+
+test: install browser
 	$(VENV)/bin/pytest -q
 
 clean:
