@@ -44,6 +44,8 @@ class RequestRecord:
 @dataclass
 class _Faults:
     ignore_range: bool = False
+    ignore_if_range: bool = False  # honour Range even for another version, as a broken cache would
+    body_pause: float = 0.0  # seconds to wait after each 64 KiB of body, so a kill lands mid-body
     range_start_shift: int = 0  # answer a Range request with bytes starting this much later
     fail_times: int = 0
     fail_status: int = 503
@@ -58,7 +60,8 @@ class FileHTTPServer:
     """Serves ``root`` over HTTP/1.1 from a background thread; a context manager.
 
     Knobs (thread-safe, each counted in requests that reach the handler): ``ignore_range``,
-    ``range_start_shift``, ``fail_next``, ``drop_next``, ``stall_next``, ``change_content``.
+    ``ignore_if_range``, ``body_pause``, ``range_start_shift``, ``fail_next``, ``drop_next``,
+    ``stall_next``, ``change_content``.
     """
 
     def __init__(self, root: Path) -> None:
@@ -112,6 +115,24 @@ class FileHTTPServer:
     def ignore_range(self, value: bool) -> None:
         with self._lock:
             self._faults.ignore_range = value
+
+    @property
+    def ignore_if_range(self) -> bool:
+        return self._faults.ignore_if_range
+
+    @ignore_if_range.setter
+    def ignore_if_range(self, value: bool) -> None:
+        with self._lock:
+            self._faults.ignore_if_range = value
+
+    @property
+    def body_pause(self) -> float:
+        return self._faults.body_pause
+
+    @body_pause.setter
+    def body_pause(self, value: float) -> None:
+        with self._lock:
+            self._faults.body_pause = value
 
     @property
     def range_start_shift(self) -> int:
@@ -181,6 +202,7 @@ class FileHTTPServer:
                     pending.append((count - 1, name, data))
             f.changes = pending
             taken = {"ignore_range": f.ignore_range, "range_start_shift": f.range_start_shift,
+                     "ignore_if_range": f.ignore_if_range, "body_pause": f.body_pause,
                      "fail": None, "drop": None, "stall": 0.0}
             if f.fail_times > 0:
                 f.fail_times -= 1
@@ -236,6 +258,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         name = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path).lstrip("/")
         path = (self.controller.root / name).resolve()
+        if path.is_dir() and (path / "index.html").is_file():
+            path = path / "index.html"  # a directory answers with its listing page, as web servers do
         if not path.is_file() or self.controller.root.resolve() not in path.parents:
             self._send_text(record, 404, "not found\n")
             return
@@ -249,7 +273,8 @@ class _Handler(BaseHTTPRequestHandler):
             status = 200
             wanted = None if faults["ignore_range"] else _parse_range(record.range, size)
             if_range = record.if_range
-            if wanted is not None and if_range is not None and if_range not in (etag, last_modified):
+            if wanted is not None and if_range is not None and if_range not in (etag, last_modified) \
+                    and not faults["ignore_if_range"]:
                 wanted = None  # the client's copy is of another version: send the whole file
             if wanted == "unsatisfiable":
                 record.status = 416
@@ -266,7 +291,8 @@ class _Handler(BaseHTTPRequestHandler):
 
             record.status = status
             self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Type", "text/html; charset=utf-8" if path.suffix == ".html"
+                             else "application/octet-stream")
             self.send_header("Content-Length", str(length))
             self.send_header("Accept-Ranges", "bytes")
             self.send_header("ETag", etag)
@@ -285,6 +311,9 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 record.body_bytes += len(chunk)
                 self.wfile.write(chunk)
+                if faults["body_pause"]:
+                    self.wfile.flush()
+                    time.sleep(faults["body_pause"])
             if faults["drop"] is not None:
                 # Cut the connection mid-body, as a flaky network or a restarted server would.
                 self.wfile.flush()

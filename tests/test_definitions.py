@@ -20,14 +20,15 @@ def _graph():
     return defs.resolve_asset_graph()
 
 
-def test_every_asset_is_defined_with_a_description_and_group():
+def test_every_asset_is_defined_with_a_description_owner_and_group():
     graph = _graph()
     keys = {key.to_user_string() for key in graph.get_all_asset_keys()}
     assert keys == ASSETS
     for name in ASSETS:
         node = graph.get(AssetKey(name))
         assert node.description, f"{name} has no description"
-        assert node.group_name != "default", f"{name} is in no group"
+        assert "team:tinyplm" in node.owners, f"{name} has no owner"
+        assert node.group_name in {"sources", "corpora", "tokenizer", "tokens", "training"}, name
 
 
 def test_dependencies_follow_the_pipeline():

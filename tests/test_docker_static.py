@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import importlib.util
+import os
 import re
 import shlex
 import subprocess
@@ -270,8 +271,10 @@ def test_the_image_installs_with_the_readme_setup_command():
     assert "make demo" in readme and "make test" in readme
 
     # What `make install` runs, as make itself expands it (-n: print only; -B: as on a fresh tree).
-    dry_run = subprocess.run(["make", "-n", "-B", "install", "VENV=VENV"], cwd=REPO_ROOT,
-                             capture_output=True, text=True, timeout=60, check=True)
+    # Run from `make test` too: a clean environment, so make prints no "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    dry_run = subprocess.run(["make", "--no-print-directory", "-n", "-B", "install", "VENV=VENV"], cwd=REPO_ROOT,
+                             capture_output=True, text=True, timeout=60, check=True, env=env)
     commands = [shlex.split(line) for line in dry_run.stdout.splitlines() if line.strip()]
     torch_pin = next(dep for dep in tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
                      if dep.startswith("torch"))

@@ -22,6 +22,9 @@ pytestmark = pytest.mark.slow
 
 DAGSTER = str(Path(sys.executable).with_name("dagster"))
 UPSTREAM = ["wordpiece_tokenizer", "jawiki_tokens", "bert_stage1_cc100", "cc100_ja_train"]
+# The ops of tinyplm_assets/checks.py: a blocking check's step succeeds only if its checks pass.
+CHECK_STEPS = {"cc100_ja_split_checks", "jawiki_split_checks", "wordpiece_tokenizer_unknown_token_rate",
+               "bert_stage1_cc100_loss_checks", "bert_stage2_jawiki_loss_checks"}
 
 
 def _env(tmp: Path) -> dict:
@@ -67,7 +70,7 @@ def test_demo_materialises_every_asset(demo_run):
     steps = _succeeded_steps(demo_run["env"]["DAGSTER_HOME"])
     assert steps == {"cc100_ja_raw", "jawiki_raw", "cc100_ja_corpus", "jawiki_corpus", "tokenizer_sample",
                      "wordpiece_tokenizer", "cc100_ja_tokens", "jawiki_tokens", "bert_stage1_cc100",
-                     "bert_stage2_jawiki"}
+                     "bert_stage2_jawiki"} | CHECK_STEPS
     for name in ["cc100_ja_train", "cc100_ja_validation", "jawiki_train", "jawiki_validation",
                  "bert_stage2_jawiki"]:
         assert (demo_run["artifacts"] / name / "_manifest.json").is_file(), name
@@ -101,7 +104,7 @@ def test_downstream_asset_rematerialises_alone_from_storage(demo_run):
     old_manifest = (artifacts / "bert_stage2_jawiki" / "_manifest.json").stat().st_mtime_ns
     _dagster(["asset", "materialize", "-m", "tinyplm_assets", "--select", "bert_stage2_jawiki",
              "-c", "configs/demo.yaml"], demo_run["env"])
-    assert _succeeded_steps(demo_run["env"]["DAGSTER_HOME"]) == {"bert_stage2_jawiki"}
+    assert _succeeded_steps(demo_run["env"]["DAGSTER_HOME"]) == {"bert_stage2_jawiki", "bert_stage2_jawiki_loss_checks"}
     assert {name: (artifacts / name / "_manifest.json").stat().st_mtime_ns for name in UPSTREAM} == before
     assert (artifacts / "bert_stage2_jawiki" / "_manifest.json").stat().st_mtime_ns > old_manifest
 

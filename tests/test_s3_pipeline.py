@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO_ROOT
 from s3_server import ACCESS_KEY, SECRET_KEY, MotoServer
-from test_pipeline import _succeeded_steps
+from test_pipeline import CHECK_STEPS, _succeeded_steps
 
 pytestmark = pytest.mark.slow
 
@@ -63,7 +63,7 @@ def _bucket(server: MotoServer) -> dict[str, bytes]:
 
 
 def test_whole_graph_lands_in_the_bucket(s3_run):
-    assert len(_succeeded_steps(s3_run["env"]["DAGSTER_HOME"])) == 10
+    assert len(_succeeded_steps(s3_run["env"]["DAGSTER_HOME"])) == 10 + len(CHECK_STEPS)
     manifests = {k for k in _bucket(s3_run["server"]) if k.endswith("/_manifest.json")}
     assert {k.split("/")[2] for k in manifests} >= {
         "cc100_ja_raw", "jawiki_raw", "cc100_ja_train", "cc100_ja_validation", "jawiki_train",
@@ -77,7 +77,7 @@ def test_fresh_machine_rematerialises_stage2_from_the_bucket(s3_run):
     before = _bucket(s3_run["server"])
     output = _run(["asset", "materialize", "-m", "tinyplm_assets", "--select", "bert_stage2_jawiki",
                    "-c", "configs/demo.yaml", "-c", str(FAST)], env)
-    assert _succeeded_steps(env["DAGSTER_HOME"]) == {"bert_stage2_jawiki"}
+    assert _succeeded_steps(env["DAGSTER_HOME"]) == {"bert_stage2_jawiki", "bert_stage2_jawiki_loss_checks"}
     after = _bucket(s3_run["server"])
     changed = {k.split("/")[2] for k in after if before.get(k) != after[k]}
     assert changed == {"bert_stage2_jawiki"}, "only stage 2 is rewritten; its inputs came from the bucket"

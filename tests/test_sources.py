@@ -357,3 +357,70 @@ def test_dest_folder_is_created(server: FileHTTPServer, tmp_path: Path) -> None:
     dest = tmp_path / "a" / "b" / "c.bin"
     download(server.url("data.bin"), dest, **FAST)
     assert dest.is_file() and os.path.getsize(dest) == SIZE
+
+
+# -- a server that splices versions, and published checksums --------------------------------------
+
+
+def test_206_of_another_version_is_refused(server: FileHTTPServer, dest: Path, payload: bytes) -> None:
+    # A cache that ignores If-Range answers 206 with bytes of the new file: appending them would splice.
+    new = payload[::-1]  # same size, so only the ETag and date tell the versions apart
+    server.ignore_if_range = True
+    server.drop_next(1, after_bytes=1_000_000)
+    server.change_content("data.bin", new, after_requests=1)
+    result = download(server.url("data.bin"), dest, max_retries=3, **FAST)
+    assert [r.status for r in server.requests] == [200, 206, 200]
+    assert result.resumed_from == 0 and dest.read_bytes() == new
+
+
+def test_changed_since_compares_validator_and_total() -> None:
+    headers = {"ETag": '"b"', "Last-Modified": "Tue, 01 Jul 2025 00:00:00 GMT"}
+    assert sources._changed_since('"a"', 10, headers, 10) == 'ETag "a" -> "b"'
+    assert sources._changed_since('"b"', 10, headers, 11) == "size 10 -> 11 bytes"
+    assert sources._changed_since("Mon, 30 Jun 2025 00:00:00 GMT", None, headers, 10).startswith("Last-Modified")
+    assert sources._changed_since('"b"', 10, headers, 10) == ""
+    assert sources._changed_since('"a"', None, {}, None) == ""  # nothing to compare: the range is trusted
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("d41d8cd98f00b204e9800998ecf8427e  README\n" + "a" * 32 + "  data.bin\n", ("md5", "a" * 32)),
+    ("B" * 40 + " *dumps/data.bin\n", ("sha1", "b" * 40)),
+    ("# sums\n\nSHA256 (data.bin) = " + "C" * 64 + "\n", ("sha256", "c" * 64)),
+    ("e" * 128 + "\n", ("sha512", "e" * 128)),  # a lone digest, as in data.bin.sha512
+])
+def test_checksum_file_formats(text: str, expected: tuple[str, str]) -> None:
+    assert sources.parse_checksum_file(text, "data.bin", "sums.txt") == expected
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("<html><body>404</body></html>\n", r"sums\.txt, line 1: not a checksum line"),
+    ("a" * 32 + "  other.bin\n", "lists no checksum for 'data.bin'"),
+    ("a" * 32 + "  data.bin\n" + "b" * 32 + "  data.bin\n", "conflicting"),
+    ("a" * 31 + "  data.bin\n", "line 1"),
+    ("SHA256 (data.bin) = " + "a" * 32 + "\n", "line 1"),
+])
+def test_bad_checksum_files_are_refused_naming_the_line(text: str, match: str) -> None:
+    with pytest.raises(DownloadError, match=match):
+        sources.parse_checksum_file(text, "data.bin", "sums.txt")
+
+
+def test_published_checksum_is_verified_and_fetched_every_time(tmp_path: Path, payload: bytes) -> None:
+    root = tmp_path / "served"
+    root.mkdir()
+    (root / "data.bin").write_bytes(payload)
+    (root / "MD5SUMS").write_text(f"{hashlib.md5(payload).hexdigest()}  data.bin\n")
+    dest = tmp_path / "out" / "data.bin"
+    with FileHTTPServer(root) as srv:
+        download(srv.url("data.bin"), dest, checksum_url=srv.url("MD5SUMS"), **FAST)
+        assert dest.read_bytes() == payload and _leftovers(dest) == []
+        # The source now publishes another checksum: the file on disk no longer passes, so it is
+        # fetched again and refused; nothing wrong is published and nothing is kept.
+        (root / "MD5SUMS").write_text(f"{'0' * 32}  data.bin\n")
+        dest.unlink()
+        with pytest.raises(DownloadError, match=f"md5 {hashlib.md5(payload).hexdigest()}, published 0{{32}}"):
+            download(srv.url("data.bin"), dest, checksum_url=srv.url("MD5SUMS"), **FAST)
+        assert not dest.exists() and _leftovers(dest) == []
+        (root / "SHA256SUMS").write_text(f"{_sha(payload)}  data.bin\n")
+        with pytest.raises(ConfigError, match="expected_sha256"):
+            download(srv.url("data.bin"), dest, checksum_url=srv.url("SHA256SUMS"), expected_sha256="1" * 64, **FAST)
+        assert [r.path for r in srv.requests].count("/MD5SUMS") == 2

@@ -79,3 +79,50 @@ def test_corruption_and_truncation_are_detected(tmp_path):
     (stored.path / "a.txt").unlink()
     with pytest.raises(StorageError, match="missing"):
         store.load("thing")
+
+
+def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store = LocalArtifactStore(tmp_path)
+    stored = store.publish("thing", _staged(store, {"a.txt": b"kept"})).manifest
+    mine = _staged(store, {"half.txt": b"ours, still being written"})
+    dead = tmp_path / ".staging" / "t-000000000000"  # no lock file: no live owner
+    dead.mkdir()
+    (dead / "sentences.txt").write_text("half-written by a crashed run")
+    (tmp_path / ".incoming" / "abc").mkdir(parents=True)
+    (tmp_path / ".trash" / "old").mkdir(parents=True)
+    # Another live process holds a staging dir: its lock says so.
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from tinyplm_lib.storage import LocalArtifactStore; "
+        "print(LocalArtifactStore(Path(sys.argv[1])).staging_dir('other'), flush=True); time.sleep(60)"),
+        str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        theirs = Path(holder.stdout.readline().strip())
+        fresh = store.staging_dir("t")
+        assert list(fresh.iterdir()) == []
+        assert not dead.exists() and not (tmp_path / ".incoming" / "abc").exists()
+        assert not any((tmp_path / ".trash").iterdir())
+        assert (mine / "half.txt").exists() and theirs.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [p for p in store.remove_leftovers() if p.name.startswith("other-")] == [theirs]
+    assert not theirs.exists() and mine.exists()
+    assert store.load("thing").manifest == stored
+
+
+def test_publish_swaps_in_the_new_version_and_releases_its_staging_dir(tmp_path):
+    from tinyplm_lib import scratch
+
+    store = LocalArtifactStore(tmp_path)
+    store.publish("thing", _staged(store, {"v.txt": b"1"}))
+    staging = _staged(store, {"v.txt": b"2"})
+    assert str(staging) in scratch._CLAIMS
+    store.publish("thing", staging)
+    assert str(staging) not in scratch._CLAIMS and not staging.with_name(staging.name + ".lock").exists()
+    assert (store.load("thing").path / "v.txt").read_bytes() == b"2"
+    assert sorted(p.name for p in (tmp_path / ".incoming").iterdir()) == []
+    assert not (tmp_path / ".trash").exists(), "swapped in place, nothing moved to the trash"

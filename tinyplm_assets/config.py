@@ -19,6 +19,7 @@ from pydantic import Field
 from tinyplm_assets.resources import PROJECT_ROOT
 from tinyplm_lib.cc100 import Cc100Settings
 from tinyplm_lib.distributed import default_processes
+from tinyplm_lib.dumps import CIRRUSSEARCH_INDEX_URL
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.jawiki import JawikiSettings
 from tinyplm_lib.tokenizer import TokenizerSettings
@@ -55,7 +56,24 @@ def worker_count(workers: int) -> int:
 class DownloadConfig(Config):
     url: str = Field(description="http(s)://, file:// (file://./x is relative to the project) or s3:// URL")
     sha256: Optional[str] = Field(default=None, description="expected sha256 of the file, if published")
+    checksum_url: Optional[str] = Field(
+        default=None, description="checksum file the source publishes (SHA256SUMS, md5sums.txt, <file>.sha256); "
+        "fetched every run, the file must match its entry"
+    )
     progress: bool = Field(default=True, description="show a tqdm progress bar on stderr")
+
+
+class JawikiDownloadConfig(DownloadConfig):
+    """A pinned `url` wins; without one, `dump_date` picks a CirrusSearch dump from `index_url`."""
+
+    url: Optional[str] = Field(
+        default=None, description="pinned dump URL (http(s)://, file://, s3://); when set, dump_date is ignored"
+    )
+    dump_date: str = Field(
+        default="latest",
+        description="'latest' (newest dump whose file is listed in index_url) or a YYYYMMDD dump date",
+    )
+    index_url: str = Field(default=CIRRUSSEARCH_INDEX_URL, description="CirrusSearch dump index (HTML listing)")
 
 
 class Cc100CorpusConfig(Config):
@@ -66,6 +84,13 @@ class Cc100CorpusConfig(Config):
         description="share of documents drawn for validation; None = 1.25 × max_validation_lines / max_lines",
     )
     seed: int = _CC100.seed
+    max_bad_records: int = Field(
+        default=_CC100.max_bad_records,
+        description="bad lines (invalid UTF-8, over max_record_bytes) skipped and reported before "
+                    "the step fails; 0 = any bad line fails",
+    )
+    max_record_bytes: int = Field(default=_CC100.max_record_bytes,
+                                  description="a longer line (bytes) is a bad record")
     workers: int = Field(default=0, description="cleaning processes; 0 = all cores")
 
     def to_settings(self) -> Cc100Settings:
@@ -80,6 +105,14 @@ class JawikiCorpusConfig(Config):
     seed: int = _JAWIKI.seed
     min_chars: int = _JAWIKI.min_chars
     max_chars: int = _JAWIKI.max_chars
+    max_bad_records: int = Field(
+        default=_JAWIKI.max_bad_records,
+        description="bad dump lines (malformed JSON, invalid UTF-8, missing fields, over "
+                    "max_record_bytes, unpaired index lines) skipped and reported before the step "
+                    "fails; 0 = any bad line fails",
+    )
+    max_record_bytes: int = Field(default=_JAWIKI.max_record_bytes,
+                                  description="a longer dump line (bytes) is a bad record")
     workers: int = Field(default=0, description="parsing and cleaning processes; 0 = all cores")
 
     def to_settings(self) -> JawikiSettings:

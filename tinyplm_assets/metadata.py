@@ -1,11 +1,16 @@
-"""Materialisation metadata helpers: text samples and count tables for the UI."""
+"""Materialisation metadata helpers: text samples, count tables, tokenisation samples and the
+links from an artifact to the exact artifacts it was made from, for the UI."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from itertools import islice
 from pathlib import Path
 
-from dagster import MetadataValue
+from dagster import AssetKey, MetadataValue
+
+from tinyplm_lib.storage import read_manifest
 
 
 def text_sample(path: Path, lines: int = 5) -> MetadataValue:
@@ -24,3 +29,61 @@ def flat_counts(stats: dict, prefix: str = "") -> dict:
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             out[f"{prefix}{key}"] = value
     return out
+
+
+def skipped_records(stats: dict) -> dict:
+    """The bad-record policy's outcome of a corpus build (`CorpusStats.to_dict()`): the total,
+    the counts by reason and the first examples (line, reason, detail), present even when zero
+    so that runs compare entry by entry."""
+    counts = dict(sorted(stats.get("skipped", {}).items()))
+    return {"skipped_total": sum(counts.values()),
+            "skipped_records": MetadataValue.json(counts),
+            "skipped_examples": MetadataValue.json(list(stats.get("skipped_examples", [])))}
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of an artifact's manifest: one hash that names the exact files (the IO manager
+    reports it as `manifest_sha256`)."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+
+
+def made_from(**inputs: tuple[str, Path]) -> dict:
+    """Links to the artifacts an asset was made from: `label=(asset name, loaded path)` gives
+    `label` (a link to that asset in the UI) and `label_manifest_sha256` (which version of it:
+    equal to the `manifest_sha256` of the upstream materialisation that was used)."""
+    out: dict = {}
+    for label, (asset_name, path) in inputs.items():
+        out[label] = MetadataValue.asset(AssetKey(asset_name))
+        out[f"{label}_manifest_sha256"] = manifest_digest(read_manifest(Path(path)))
+    return out
+
+
+def _cell(text: str) -> str:
+    # A markdown table cell: a pipe would end the cell (GFM unescapes \| even in code spans),
+    # a newline the row.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _code(token: str) -> str:
+    # One code span per token shows where tokens begin and end.
+    return f"`` {token} ``" if "`" in token else f"`{token}`"
+
+
+def tokenisation_sample(tokenizer_dir: Path, sentences: list[str]) -> MetadataValue:
+    """Each sentence through the saved tokenizer, step by step: MeCab words, WordPiece tokens,
+    ids and the decoded text, as `AutoTokenizer.from_pretrained(folder)` gives them."""
+    from tinyplm_lib.encoding import MecabSegmenter
+    from tinyplm_lib.tokenizer import load_tokenizer
+
+    tokenizer, segmenter = load_tokenizer(tokenizer_dir), MecabSegmenter()
+    parts = []
+    for number, sentence in enumerate(sentences, 1):
+        tokens = tokenizer.tokenize(sentence)
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        rows = [("MeCab words", " ".join(map(_code, segmenter.words(sentence)))),
+                ("WordPiece tokens", " ".join(map(_code, tokens))),
+                ("ids", " ".join(map(str, ids))),
+                ("decoded", tokenizer.decode(ids))]
+        table = "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows)
+        parts.append(f"**{number}.** {_cell(sentence)}\n\n| step | result |\n|---|---|\n{table}")
+    return MetadataValue.md("\n\n".join(parts) or "(no sentences)")

@@ -10,8 +10,6 @@ a finished staging directory and downstream assets receive the verified stored p
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from dagster import (
     ConfigurableIOManager,
     ConfigurableResource,
     EnvVar,
+    InitResourceContext,
     InputContext,
     MetadataValue,
     OutputContext,
@@ -28,6 +27,7 @@ from dagster import (
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
+from tinyplm_assets.metadata import manifest_digest
 from tinyplm_lib.errors import StorageError
 from tinyplm_lib.storage import ArtifactStore, LocalArtifactStore, StoredArtifact, artifact_key
 
@@ -57,6 +57,15 @@ class ArtifactStorage(ConfigurableResource):
     s3_endpoint_url: Optional[str] = Field(default=None, description="S3-compatible endpoint (MinIO, …)")
     s3_region: Optional[str] = None
     s3_max_attempts: int = Field(default=5, description="attempts per S3 request before failing")
+
+    def setup_for_execution(self, context: InitResourceContext) -> None:
+        # Every asset uses this resource, so every step starts here: the whole run's config is
+        # checked before the first step does any work (tinyplm_assets/preflight.py), instead of a
+        # training setting failing after hours of preprocessing.
+        if context.dagster_run is not None:
+            from tinyplm_assets.preflight import check_run  # late: preflight imports config, config this
+
+            check_run(context.dagster_run)
 
     def store(self) -> ArtifactStore:
         root = self._root()
@@ -98,8 +107,13 @@ class ArtifactIOManager(ConfigurableIOManager):
                 f"asset {context.asset_key.to_user_string()} returned {type(obj).__name__}; "
                 "artifact assets must return the Path of the directory they wrote"
             )
-        stored = self.storage.store().publish(_key(context), Path(obj))
-        context.add_output_metadata(_metadata(stored))
+        store = self.storage.store()
+        stored = store.publish(_key(context), Path(obj))
+        metadata = _metadata(stored)
+        location = store.describe(_key(context))
+        if location != str(stored.path):  # on S3, `path` is only this machine's cache
+            metadata["stored_at"] = MetadataValue.path(location)
+        context.add_output_metadata(metadata)
 
     def load_input(self, context: InputContext) -> Path:
         return self.storage.store().load(_key(context)).path
@@ -111,12 +125,11 @@ def _key(context: OutputContext | InputContext) -> str:
 
 
 def _metadata(stored: StoredArtifact) -> dict:
-    manifest_digest = hashlib.sha256(json.dumps(stored.manifest, sort_keys=True).encode()).hexdigest()
     return {
         "path": MetadataValue.path(str(stored.path)),
         "files": stored.num_files,
         "bytes": stored.num_bytes,
-        "manifest_sha256": manifest_digest,
+        "manifest_sha256": manifest_digest(stored.manifest),
     }
 
 

@@ -6,21 +6,51 @@ only if it fits whole in the remaining `max_validation_lines` budget, else to tr
 are never split, the splits never overlap, and validation stops growing once the budget is full.
 Worker processes normalise blocks of lines; this process routes them in file order, so the output
 is byte-identical for any number of workers.
+
+Bad input lines (invalid UTF-8, longer than `max_record_bytes`) are skipped and counted by reason
+in `CorpusStats.skipped`; the document they were in continues without them. Bytes are never
+replaced: a line that is not UTF-8 is not text this corpus can vouch for. Control characters are
+removed from lines that are kept (`normalize_line`), counted in `control_char_records`.
 """
 
 from __future__ import annotations
 
+import re
 import time
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinyplm_lib.cleaning import normalize_line
-from tinyplm_lib.corpus import AtomicTextWriter, CorpusStats, LineReader, decode_lines, in_validation
+from tinyplm_lib.cleaning import has_control_chars, normalize_line
+from tinyplm_lib.corpus import (
+    AtomicTextWriter,
+    BadRecords,
+    CorpusStats,
+    LineReader,
+    decode_block,
+    in_validation,
+    over_size,
+)
 from tinyplm_lib.encoding import WorkerPool
 from tinyplm_lib.errors import ConfigError, InputError
 
 # Raw bytes per pool task: ~3,000 lines, ~10 ms of NFKC, so a task's pickling is a small share.
 BLOCK_BYTES = 1 << 20
+# CONTROL_CHARS as UTF-8 bytes: C0 controls and DEL are single bytes, C1 controls are C2 80..C2 9F.
+# A block without any (nearly all) skips the per-line check: `translate` deletes every byte that
+# cannot start one (0.25 ms a MiB here); what is left is a control, or the C2 lead byte of "°",
+# "§" ..., which a regex with that literal prefix tells apart. One regex for both took 5.4 ms a
+# MiB, a fifth of the cleaning time.
+_NOT_CONTROL_START = bytes(sorted(set(range(256)) - set(range(0x09)) - set(range(0x0e, 0x1c))
+                                  - {0x7f, 0xc2}))
+_C1_CONTROL = re.compile(rb"\xc2[\x80-\x84\x86-\x9f]")
+
+
+def _may_hold_controls(data: bytes) -> bool:
+    left = data.translate(None, _NOT_CONTROL_START)
+    if not left:
+        return False
+    return bool(left.replace(b"\xc2", b"")) or _C1_CONTROL.search(data) is not None
 
 
 @dataclass(frozen=True)
@@ -35,8 +65,20 @@ class Cc100Settings:
     # max_lines, i.e. picks ~25% over budget so the budget fills before the line limit is reached.
     validation_doc_fraction: float | None = None
     seed: int = 42
+    # Bad-record policy: up to this many bad lines (invalid UTF-8, over max_record_bytes) are
+    # skipped and counted by reason; one more fails the build. 100 tolerates a few damaged lines in
+    # a 392M-line crawl while a systematically broken file still fails fast; 0 = strict.
+    max_bad_records: int = 100
+    # A line longer than this (bytes, newline excluded) is a bad record. The longest line of the
+    # real sample in ../shared/corpora is 11,752 bytes; 1 MiB is no paragraph of prose.
+    max_record_bytes: int = 1 << 20
 
     def validate(self) -> None:
+        if self.max_bad_records < 0:
+            raise ConfigError("max_bad_records", f"must be >= 0 (0: any bad line fails), got "
+                              f"{self.max_bad_records}")
+        if self.max_record_bytes < 1:
+            raise ConfigError("max_record_bytes", f"must be >= 1, got {self.max_record_bytes}")
         if self.max_lines < 2:
             raise ConfigError("max_lines", f"must be at least 2, got {self.max_lines}")
         if not 1 <= self.max_validation_lines < self.max_lines:
@@ -58,30 +100,55 @@ class Cc100Settings:
         return min(1.0, 1.25 * self.max_validation_lines / self.max_lines)
 
 
-def _normalize_block(block: tuple[int, bytes]) -> tuple[int, list[str], tuple[int, int] | None]:
-    """Pool task: (first line number, the block's lines after strip+NFKC, first invalid UTF-8)."""
-    first, data = block
-    lines, bad = decode_lines(data)
-    return first, [normalize_line(line) for line in lines], bad and (bad[0], bad[1].start)
+def _normalize_block(block: tuple[int, bytes, int, dict[int, int]]):
+    """Pool task: (first line number, the block's normalised lines with None for a bad one,
+    [(index, reason, detail)] of the bad ones, indices of the lines that held control characters).
+    """
+    first, data, max_record_bytes, long_lines = block
+    lines, invalid = decode_block(data)
+    bad = [(index, "invalid_utf8", f"invalid UTF-8 at byte {start} of the line")
+           for index, start in invalid]
+    too_long = over_size(lines, max_record_bytes) + [(n - first, size) for n, size in long_lines.items()]
+    for index, size in too_long:
+        lines[index] = None
+        bad.append((index, "record_too_long",
+                    f"line of {size} bytes, over max_record_bytes ({max_record_bytes})"))
+    nfkc = unicodedata.normalize
+    # normalize_line without its control-character test, for the lines known to need none.
+    out = [None if line is None else nfkc("NFKC", line).strip() for line in lines]
+    controls: list[int] = []
+    if _may_hold_controls(data):
+        controls = [i for i, line in enumerate(lines) if line is not None and has_control_chars(line)]
+        for i in controls:
+            out[i] = normalize_line(lines[i])
+    return first, out, bad, controls
 
 
-def _blocks(reader: LineReader):
+def _blocks(reader: LineReader, max_record_bytes: int):
     while True:
         first = reader.lines_taken + 1
         data, count = reader.take(1 << 30, BLOCK_BYTES)
         if not count:
             return
-        yield first, data
+        yield first, data, max_record_bytes, reader.pop_long_lines()
 
 
-def _iter_documents(raw_path: Path, max_lines: int, stats: CorpusStats, pool: WorkerPool):
+def _iter_documents(raw_path: Path, settings: Cc100Settings, stats: CorpusStats,
+                    records: BadRecords, pool: WorkerPool):
     """Yield documents as lists of normalised lines; at most one document is held at a time."""
     document: list[str] = []
-    with LineReader(raw_path, chunk_bytes=BLOCK_BYTES) as reader:
-        for first, lines, bad in pool.map_in_order(_normalize_block, _blocks(reader)):
+    max_lines, max_bytes = settings.max_lines, settings.max_record_bytes
+    # Lines over the limit are cut by the reader too, so one without a newline is never held whole.
+    with LineReader(raw_path, chunk_bytes=BLOCK_BYTES, max_line_bytes=max_bytes) as reader:
+        for first, lines, bad, controls in pool.map_in_order(_normalize_block,
+                                                             _blocks(reader, max_bytes)):
+            bad_lines = {first + index: (reason, detail) for index, reason, detail in bad}
             for line_no, line in enumerate(lines, start=first):
                 stats.input_lines = line_no
                 if not line:
+                    if line is None:  # a bad line: skipped, its document goes on without it
+                        records.skip(line_no, *bad_lines[line_no])
+                        continue
                     if document:
                         yield document
                         document = []
@@ -89,11 +156,10 @@ def _iter_documents(raw_path: Path, max_lines: int, stats: CorpusStats, pool: Wo
                 document.append(line)
                 stats.lines_read += 1
                 if stats.lines_read >= max_lines:
+                    stats.control_char_records += sum(first + i <= line_no for i in controls)
                     yield document  # the last document may be cut here, as the original's budget did
                     return
-            if bad is not None:
-                raise InputError(raw_path, f"invalid UTF-8 at byte {bad[1]} of the line",
-                                 line=first + bad[0])
+            stats.control_char_records += len(controls)
     if document:
         yield document
 
@@ -106,7 +172,9 @@ def build_cc100_corpus(
 
     `workers` processes normalise the text (None: every available core), or the given `pool`'s.
     Returns exact counts: lines_train + lines_validation == lines_read <= max_lines. Raises
-    InputError for unreadable or empty input, ConfigError when a split would come out empty.
+    InputError for unreadable or empty input or more than `max_bad_records` bad lines, and
+    ConfigError when a split would come out empty or the whole input is not larger than the
+    validation budget.
     """
     settings.validate()
     raw_path, train_path, validation_path = Path(raw_path), Path(train_path), Path(validation_path)
@@ -122,10 +190,11 @@ def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Cc
            pool: WorkerPool) -> CorpusStats:
     fraction = settings.effective_doc_fraction
     stats = CorpusStats(source=str(raw_path))
+    records = BadRecords(raw_path, stats, settings.max_bad_records)
     over_budget = 0
     started = time.perf_counter()
     with AtomicTextWriter(train_path) as train, AtomicTextWriter(validation_path) as validation:
-        for document in _iter_documents(raw_path, settings.max_lines, stats, pool):
+        for document in _iter_documents(raw_path, settings, stats, records, pool):
             doc_index = stats.documents_read
             stats.documents_read += 1
             to_validation = False
@@ -146,7 +215,17 @@ def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Cc
                 stats.chars_train += chars
         # Checked inside the `with` so that a failed build leaves no output files.
         if stats.lines_read == 0:
-            raise InputError(raw_path, "contains no non-empty lines; check the download")
+            raise InputError(raw_path, "contains no non-empty lines; check the download"
+                             + records.summary())
+        if settings.validation_doc_fraction is None and stats.lines_read < settings.max_lines and \
+                stats.lines_read <= settings.max_validation_lines:
+            # Known only once the input ran out: the budget could take the whole corpus. (With an
+            # explicit validation_doc_fraction the draw is set by it and the budget is only a cap.)
+            raise ConfigError(
+                "max_validation_lines",
+                f"{settings.max_validation_lines} is not below the {stats.lines_read} non-empty "
+                f"lines {raw_path} holds: lower it (and max_lines) to leave lines for training",
+            )
         if stats.lines_validation == 0:
             raise ConfigError(
                 "max_validation_lines",
@@ -165,6 +244,9 @@ def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Cc
         "validation_doc_fraction": fraction,
         "documents_over_validation_budget": over_budget,
         "input_exhausted": stats.lines_read < settings.max_lines,
+        # The limits it ran under, so a check can hold the counts against them.
+        "max_lines": settings.max_lines,
+        "max_validation_lines": settings.max_validation_lines,
         "seed": settings.seed,
         "workers": pool.workers,
     }

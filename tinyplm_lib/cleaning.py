@@ -1,8 +1,9 @@
 """Text cleaning and sentence splitting for the Japanese corpora.
 
-`normalize_line` is the whole of the cc100 cleaning (NFKC + strip). `clean_wiki_text` applies the
-original pipeline's JaWiki rules to a CirrusSearch `text` field, and `split_sentences` cuts text
-on 。?! without splitting inside 「」『』() （） brackets. Pure functions on strings, no I/O.
+`normalize_line` is the whole of the cc100 cleaning (control characters out, NFKC, strip).
+`clean_wiki_text` applies the original pipeline's JaWiki rules to a CirrusSearch `text` field,
+and `split_sentences` cuts text on 。?! without splitting inside 「」『』() （） brackets. Pure
+functions on strings, no I/O; tests/test_properties.py states what each may remove.
 """
 
 from __future__ import annotations
@@ -28,10 +29,25 @@ _TEMPLATE = re.compile(r"\{\{[^{}]*\}\}")
 _BREADCRUMB_NO_TITLE = re.compile(r"^\s*(?:[^\s>]{1,50} > ){2,}[^\s>]{1,100}(?=\s|$)")
 _FOOTNOTES = " ^ "  # the rendered notes section starts with " ^ " and runs to the end of text
 _WHITESPACE = re.compile(r"\s+")
+# Control characters (Unicode Cc) that are not whitespace: C0 but tab..CR and U+001C..U+001F,
+# DEL, C1 but NEL. MeCab reads C strings, so a NUL silently ended a line's text there; the others
+# are noise. NFKC never produces one (checked on every code point), so removing them first is enough.
+CONTROL_CHARS = re.compile("[\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f]")
+
+
+def has_control_chars(text: str) -> bool:
+    """True if `text` holds a character CONTROL_CHARS matches (whitespace controls do not count)."""
+    return not text.isprintable() and CONTROL_CHARS.search(text) is not None
 
 
 def normalize_line(text: str) -> str:
-    """NFKC-normalise and strip one line (the original's cc100 cleaning, nothing more)."""
+    """NFKC-normalise and strip one line, control characters removed first (see CONTROL_CHARS).
+
+    The original's cc100 cleaning was NFKC + strip; removing controls before NFKC (not after)
+    keeps the result NFKC-normalised, e.g. for "e\\x00\\u0301".
+    """
+    if has_control_chars(text):
+        text = CONTROL_CHARS.sub("", text)
     return unicodedata.normalize("NFKC", text).strip()
 
 
@@ -73,6 +89,10 @@ def clean_wiki_text(text: str, title: str | None = None) -> str:
     if cut >= 0:
         text = text[:cut]
     text = _QUESTION_TAG.sub("", text)
+    # Again: a removed tag or invisible character can leave a base letter before a combining mark
+    # ("e[1]\u0301" -> "e\u0301"), which NFKC composes; without this the output was not NFKC and a
+    # second cleaning changed it. Cheap: CPython returns normalised text after a quick check.
+    text = unicodedata.normalize("NFKC", text)
     return _WHITESPACE.sub(" ", text).strip()
 
 

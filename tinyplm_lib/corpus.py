@@ -48,14 +48,64 @@ class CorpusStats:
     chars_train: int = 0
     chars_validation: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
+    # Bad input records (lines) skipped under the bad-record policy, by reason (`BadRecords`),
+    # and the first few of them as {"line", "reason", "detail"}.
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: list[dict[str, object]] = field(default_factory=list)
+    # Records kept after their control characters were removed (cc100 lines, JaWiki articles).
+    control_char_records: int = 0
     details: dict[str, object] = field(default_factory=dict)  # builder-specific facts
     seconds: float = 0.0
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.dropped[reason] = self.dropped.get(reason, 0) + count
 
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
+
+
+MAX_SKIPPED_EXAMPLES = 5
+
+
+class BadRecords:
+    """The bad-record policy of a corpus build: skip, count by reason, fail past a limit.
+
+    `skip()` is called in file order by the process that routes the workers' results, so the
+    counts, the examples and the line an error names are the same for any number of workers.
+    More than `max_bad_records` skips raise InputError naming the file and the first bad line,
+    with the counts by reason; 0 makes every bad record an error.
+    """
+
+    def __init__(self, path: Path, stats: CorpusStats, max_bad_records: int) -> None:
+        self.path, self.stats, self.max_bad_records = path, stats, max_bad_records
+        self.total = 0
+
+    def skip(self, line: int, reason: str, detail: str) -> None:
+        stats = self.stats
+        stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
+        if len(stats.skipped_examples) < MAX_SKIPPED_EXAMPLES:
+            stats.skipped_examples.append({"line": line, "reason": reason, "detail": detail})
+        self.total += 1
+        if self.total > self.max_bad_records:
+            first = stats.skipped_examples[0]
+            if self.total == 1:
+                summary = f"a bad record ({reason}) and max_bad_records is 0"
+            else:
+                summary = (f"{self.total} bad records, more than max_bad_records "
+                           f"({self.max_bad_records}) allows; the last at line {line}; by reason: "
+                           f"{dict(sorted(stats.skipped.items()))}")
+            raise InputError(self.path, f"{first['detail']} [{summary}]", line=int(first["line"]))
+
+    def summary(self) -> str:
+        """' (N bad records skipped: {...})' for messages about what was left, or ''."""
+        if not self.total:
+            return ""
+        noun = "bad record" if self.total == 1 else "bad records"
+        return f" ({self.total} {noun} skipped: {dict(sorted(self.stats.skipped.items()))})"
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -177,10 +227,17 @@ class LineReader:
     and no more once `max_bytes` is reached; a last line without a newline counts as a line.
     Truncated or corrupt compressed data raises InputError once the complete lines before it are
     taken, naming the last good line as `read_lines` does. Use as a context manager.
+
+    With `max_line_bytes`, a line longer than that (newline excluded) is never held whole: it is
+    handed out as an empty line, and `pop_long_lines()` tells its number and length (bytes_taken
+    then counts it as 1 byte).
     """
 
-    def __init__(self, path: Path, chunk_bytes: int = 1 << 20, prefetch: bool = True) -> None:
+    def __init__(self, path: Path, chunk_bytes: int = 1 << 20, prefetch: bool = True,
+                 max_line_bytes: int | None = None) -> None:
         self.path = Path(path)
+        self.max_line_bytes = max_line_bytes
+        self.long_lines: dict[int, int] = {}
         self._stream = open_raw(self.path)
         self._prefetcher = _Prefetcher(self._stream, chunk_bytes) if prefetch else None
         self._chunk_bytes = chunk_bytes
@@ -207,35 +264,88 @@ class LineReader:
             self._prefetcher.close()
         self._stream.close()
 
-    def _refill(self) -> None:
-        """Append one more chunk, or mark the end (of the data, or at a decompression error)."""
+    def _read(self) -> tuple[bytes, BaseException | None]:
         if self._prefetcher is not None:
             chunk, error = self._prefetcher.read()
         else:
             chunk, error = _read_chunk(self._stream, self._chunk_bytes)
         if error is not None and not isinstance(error, _DECOMPRESS_ERRORS):
             raise error
+        return chunk, error
+
+    def _stop_at(self, error: BaseException) -> None:
+        # The complete lines stay available; the part line after them is lost, as in read_lines.
+        complete = self.lines_taken + len(self._newlines)
+        self._error = InputError(
+            self.path,
+            f"compressed data is truncated or corrupt after line {complete} (the last good "
+            f"line): {error}; re-download the file",
+            line=complete + 1,
+        )
+        self._buf = self._buf[: int(self._newlines[-1]) + 1] if len(self._newlines) else b""
+        self._eof = True
+
+    def _refill(self) -> None:
+        """Append one more chunk, or mark the end (of the data, or at a decompression error)."""
+        chunk, error = self._read()
         rest = self._buf[self._off:]
         found = np.flatnonzero(np.frombuffer(chunk, dtype=np.uint8) == 10) + len(rest)
         self._newlines = np.concatenate([self._newlines[self._next:] - self._off, found])
         self._buf = rest + chunk
         self._off = self._next = 0
         if error is not None:
-            # The complete lines stay available; the part line after them is lost, as in read_lines.
-            complete = self.lines_taken + len(self._newlines)
-            self._error = InputError(
-                self.path,
-                f"compressed data is truncated or corrupt after line {complete} (the last good "
-                f"line): {error}; re-download the file",
-                line=complete + 1,
-            )
-            self._buf = self._buf[: int(self._newlines[-1]) + 1] if len(self._newlines) else b""
-            self._eof = True
+            self._stop_at(error)
         elif not chunk:
             self._eof = True
             last_end = int(self._newlines[-1]) + 1 if len(self._newlines) else 0
             if last_end < len(self._buf):  # a last line without a newline ends at the end
                 self._newlines = np.append(self._newlines, len(self._buf) - 1)
+        elif self.max_line_bytes is not None:
+            self._cut_long_lines()
+
+    def _cut_long_lines(self) -> None:
+        """Replace an unfinished line longer than `max_line_bytes` by an empty line, read past it.
+
+        So memory stays bounded whatever the input (a file without newlines is never held
+        whole). The cut line's number and length go to `long_lines`.
+        """
+        while True:
+            tail = int(self._newlines[-1]) + 1 if len(self._newlines) else 0
+            length = len(self._buf) - tail
+            if length <= self.max_line_bytes:
+                return
+            line_no = self.lines_taken + len(self._newlines) + 1  # _refill has reset _off to 0
+            self._buf = self._buf[:tail]
+            while True:
+                chunk, error = self._read()
+                if error is not None:
+                    self._stop_at(error)  # truncated inside the long line: it is lost anyway
+                    return
+                if not chunk:  # the long line was the last one, without a newline
+                    self.long_lines[line_no] = length
+                    self._buf += b"\n"
+                    self._newlines = np.append(self._newlines, len(self._buf) - 1)
+                    self._eof = True
+                    return
+                end = chunk.find(b"\n")
+                if end >= 0:
+                    break
+                length += len(chunk)
+            self.long_lines[line_no] = length + end
+            rest = chunk[end + 1:]
+            base = len(self._buf)
+            found = np.flatnonzero(np.frombuffer(rest, dtype=np.uint8) == 10) + base + 1
+            self._newlines = np.concatenate([self._newlines, np.array([base], dtype=np.int64), found])
+            self._buf = self._buf + b"\n" + rest
+
+    def pop_long_lines(self) -> dict[int, int]:
+        """{line number: length in bytes} of the lines cut so far among those taken."""
+        if not self.long_lines:
+            return {}
+        taken = {n: size for n, size in self.long_lines.items() if n <= self.lines_taken}
+        for n in taken:
+            del self.long_lines[n]
+        return taken
 
     def take(self, max_lines: int, max_bytes: int | None = None) -> tuple[bytes, int]:
         """(bytes of the next whole lines, their count); (b"", 0) at the end."""
@@ -294,6 +404,53 @@ def decode_lines(data: bytes) -> tuple[list[str], tuple[int, UnicodeDecodeError]
     if text.endswith("\n"):
         lines.pop()
     return lines, None
+
+
+def decode_block(data: bytes) -> tuple[list[str | None], list[tuple[int, int]]]:
+    """The lines of a block from `LineReader.take` (newlines removed), None for invalid UTF-8.
+
+    Also (index, byte offset of the first bad byte) for each such line. Bytes are never replaced:
+    a line that is not UTF-8 is left to the caller's bad-record policy whole.
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        lines: list[str | None] = []
+        bad: list[tuple[int, int]] = []
+        raw_lines = data.split(b"\n")
+        if data.endswith(b"\n"):
+            raw_lines.pop()
+        for index, raw in enumerate(raw_lines):
+            try:
+                lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as exc:
+                lines.append(None)
+                bad.append((index, exc.start))
+        return lines, bad
+    lines = text.split("\n")
+    if text.endswith("\n"):
+        lines.pop()
+    return lines, []
+
+
+def over_size(lines: list[str | None], max_bytes: int) -> list[tuple[int, int]]:
+    """(index, UTF-8 length) of each line longer than `max_bytes` bytes; None lines are left out.
+
+    A UTF-8 character takes at most 4 bytes, so only lines of more than max_bytes / 4
+    characters are encoded to be measured: on real text, none.
+    """
+    limit = max_bytes // 4
+    try:
+        longest = max(map(len, lines), default=0)  # in C: the common case, every line decoded
+    except TypeError:
+        longest = max((len(line) for line in lines if line is not None), default=0)
+    if longest <= limit:
+        return []
+    found = []
+    for index, line in enumerate(lines):
+        if line is not None and len(line) > limit and (size := len(line.encode("utf-8"))) > max_bytes:
+            found.append((index, size))
+    return found
 
 
 def in_validation(seed: int, key: str, fraction: float) -> bool:

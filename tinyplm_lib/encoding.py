@@ -61,10 +61,17 @@ class MecabSegmenter:
         normalized = unicodedata.normalize("NFKC", text)
         if not normalized:
             return []
-        return self._tagger.parse(normalized).split()
+        return self.parse_normalized(normalized).split()
 
     def parse_normalized(self, normalized: str) -> str:
-        """MeCab's wakati output for text already NFKC-normalised and not empty."""
+        """MeCab's wakati output for text already NFKC-normalised and not empty.
+
+        A NUL separates words like a space: MeCab reads C strings, so everything after a NUL
+        was silently lost (also by BertJapaneseTokenizer, which keeps that behaviour; the corpus
+        cleaners remove NUL, so shards built from them are the same either way).
+        """
+        if "\x00" in normalized:
+            normalized = normalized.replace("\x00", " ")
         return self._tagger.parse(normalized)
 
     def segment(self, text: str) -> str:

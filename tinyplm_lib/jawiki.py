@@ -6,6 +6,12 @@ candidate sentences to a work file with their split tags and 64-bit hashes; (2) 
 occurrences of each hash bucket by bucket on disk; (3) copy first occurrences into train/validation.
 The split is per article: `in_validation(seed, "page:<page_id>", fraction)`. The output is
 byte-identical for any number of workers.
+
+Bad dump lines (malformed JSON, invalid UTF-8, a document missing a field, a line over
+`max_record_bytes`, an index line without its document or the reverse) are skipped and counted
+by reason in `CorpusStats.skipped`, up to `max_bad_records`; past that the build fails naming the
+first bad line. Control characters in kept articles are removed by `clean_wiki_text` and the
+articles counted in `control_char_records`.
 """
 
 from __future__ import annotations
@@ -20,15 +26,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinyplm_lib.cleaning import clean_wiki_text, split_sentences
+from tinyplm_lib.cleaning import clean_wiki_text, has_control_chars, split_sentences
 from tinyplm_lib.corpus import (
     AtomicTextWriter,
+    BadRecords,
     CorpusStats,
     LineReader,
-    decode_lines,
+    decode_block,
     in_validation,
     iter_flags,
     mark_first_occurrences,
+    over_size,
     sentence_hash,
 )
 from tinyplm_lib.encoding import WorkerPool
@@ -51,8 +59,20 @@ class JawikiSettings:
     seed: int = 42
     min_chars: int = 10  # sentence length limits, in characters after cleaning
     max_chars: int = 1000
+    # Bad-record policy: up to this many bad dump lines are skipped and counted by reason; one
+    # more fails the build (0 = strict). 100 lets a few damaged lines of a 4.6M-line dump pass
+    # while a broken or wrong file still fails fast.
+    max_bad_records: int = 100
+    # A dump line longer than this (bytes) is a bad record. The sample's longest is 185 kB; real
+    # dump lines also carry the wikitext (`source_text`) and the longest run to a few MB.
+    max_record_bytes: int = 16 << 20
 
     def validate(self) -> None:
+        if self.max_bad_records < 0:
+            raise ConfigError("max_bad_records", f"must be >= 0 (0: any bad line fails), got "
+                              f"{self.max_bad_records}")
+        if self.max_record_bytes < 1:
+            raise ConfigError("max_record_bytes", f"must be >= 1, got {self.max_record_bytes}")
         if self.max_documents is not None and self.max_documents < 1:
             raise ConfigError("max_documents", f"must be None or >= 1, got {self.max_documents}")
         if not 0.0 < self.validation_fraction < 1.0:
@@ -74,7 +94,7 @@ def _clean_document(record: dict, min_chars: int, max_chars: int):
     has_page_id = "page_id" in record
     page_id = record.get("page_id")
     if not isinstance(namespace, int) or namespace != 0 or not isinstance(text, str):
-        return ("doc", namespace, has_page_id, page_id, isinstance(text, str), None)
+        return ("doc", namespace, has_page_id, page_id, isinstance(text, str), None, False)
     title = record.get("title") if isinstance(record.get("title"), str) else None
     sentences = split_sentences(clean_wiki_text(text, title=title))
     kept = [s for s in sentences if min_chars <= len(s) <= max_chars]
@@ -84,52 +104,68 @@ def _clean_document(record: dict, min_chars: int, max_chars: int):
         hashes.byteswap()
     blob = "".join(s + "\n" for s in kept).encode()
     counts = (len(sentences), len(kept), too_short, len(sentences) - len(kept) - too_short)
-    return ("doc", namespace, has_page_id, page_id, True, (counts, blob, hashes.tobytes()))
+    return ("doc", namespace, has_page_id, page_id, True, (counts, blob, hashes.tobytes()),
+            has_control_chars(text))
 
 
-def _parse_block(task: tuple[int, bytes, int, int]) -> tuple[int, list[tuple]]:
-    """Pool task: one outcome per line of the block: blank, error, index or document."""
-    first, data, min_chars, max_chars = task
-    lines, bad = decode_lines(data)
+def _parse_block(task: tuple[int, bytes, int, int, int, dict[int, int]]) -> tuple[int, list[tuple]]:
+    """Pool task: one outcome per line of the block: blank, bad (reason, detail), index or document."""
+    first, data, min_chars, max_chars, max_record_bytes, long_lines = task
+    lines, invalid = decode_block(data)
+    bad = {index: ("invalid_utf8", f"invalid UTF-8 at byte {start} of the line")
+           for index, start in invalid}
+    too_long = over_size(lines, max_record_bytes) + [(n - first, size) for n, size in long_lines.items()]
+    for index, size in too_long:
+        bad[index] = ("record_too_long", f"line of {size} bytes, over max_record_bytes "
+                      f"({max_record_bytes})")
     outcomes: list[tuple] = []
-    for line in lines:
+    for index, line in enumerate(lines):
+        if bad and index in bad:
+            outcomes.append(("bad", *bad[index]))
+            continue
         if not line.strip():
             outcomes.append(("blank",))
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            outcomes.append(("error", f"malformed JSON ({exc.msg} at column {exc.colno})"))
+            outcomes.append(("bad", "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})"))
+            continue
+        except (ValueError, RecursionError) as exc:
+            # A number over Python's 4,300-digit limit, or "[[[[…" deeper than the parser's stack.
+            outcomes.append(("bad", "malformed_json", f"malformed JSON ({str(exc)[:100]})"))
             continue
         if not isinstance(record, dict):
-            outcomes.append(("error", "expected a JSON object"))
+            outcomes.append(("bad", "not_a_json_object", "expected a JSON object"))
         elif "index" in record and len(record) == 1:
-            index = record["index"]
-            outcomes.append(("index", index.get("_id") if isinstance(index, dict) else None))
+            index_entry = record["index"]
+            outcomes.append(("index", index_entry.get("_id") if isinstance(index_entry, dict) else None))
         else:
             outcomes.append(_clean_document(record, min_chars, max_chars))
-    if bad is not None:
-        outcomes.append(("error", f"invalid UTF-8 at byte {bad[1].start} of the line"))
     return first, outcomes
 
 
-def _blocks(reader: LineReader, settings: JawikiSettings) -> Iterator[tuple[int, bytes, int, int]]:
+def _blocks(reader: LineReader, settings: JawikiSettings) -> Iterator[tuple]:
     while True:
         first = reader.lines_taken + 1
         data, count = reader.take(1 << 30, BLOCK_BYTES)
         if not count:
             return
-        yield first, data, settings.min_chars, settings.max_chars
+        yield (first, data, settings.min_chars, settings.max_chars, settings.max_record_bytes,
+               reader.pop_long_lines())
 
 
-def _first_pass(raw_path: Path, settings: JawikiSettings, stats: CorpusStats, work: Path,
-                pool: WorkerPool) -> int:
+def _first_pass(raw_path: Path, settings: JawikiSettings, stats: CorpusStats, records: BadRecords,
+                work: Path, pool: WorkerPool) -> int:
     """Pair, count and append candidates to the work files in dump order; returns their count."""
     count = 0
     pending_index: int | None = None  # line number of an index line awaiting its document
     index_id = None
-    with LineReader(raw_path, chunk_bytes=BLOCK_BYTES) as reader, \
-            open(work / "candidates.txt", "wb") as candidates, \
+    # After a bad line with no index pending, that line was most likely an index line: the next
+    # document may then come without one (else one damaged index line would cost two records).
+    loose = False
+    with LineReader(raw_path, chunk_bytes=BLOCK_BYTES, max_line_bytes=settings.max_record_bytes) \
+            as reader, open(work / "candidates.txt", "wb") as candidates, \
             open(work / "tags.u8", "wb") as tags, open(work / "hashes.u64", "wb") as hash_file:
         for first, outcomes in pool.map_in_order(_parse_block, _blocks(reader, settings)):
             for line_no, outcome in enumerate(outcomes, start=first):
@@ -137,30 +173,41 @@ def _first_pass(raw_path: Path, settings: JawikiSettings, stats: CorpusStats, wo
                 stats.input_lines = line_no
                 if kind == "blank":
                     continue
-                if kind == "error":
-                    raise InputError(raw_path, outcome[1], line=line_no)
-                if pending_index is None:
-                    if kind != "index":
-                        raise InputError(raw_path, 'expected an {"index": ...} line before each '
-                                         "document", line=line_no)
-                    pending_index, index_id = line_no, outcome[1]
+                if kind == "bad":
+                    records.skip(line_no, outcome[1], outcome[2])
+                    # A bad line after an index line is taken as that index's document.
+                    loose, pending_index = pending_index is None, None
                     continue
                 if kind == "index":
-                    raise InputError(raw_path, "index line without its document", line=pending_index)
-                pending_index = None
-                _, namespace, has_page_id, page_id, text_ok, cleaned = outcome
+                    if pending_index is not None:
+                        records.skip(pending_index, "index_without_document",
+                                     "index line without its document")
+                    pending_index, index_id, loose = line_no, outcome[1], False
+                    continue
+                if pending_index is None:
+                    if not loose:
+                        records.skip(line_no, "document_without_index",
+                                     'expected an {"index": ...} line before each document')
+                        continue
+                    index_id = None
+                pending_index, loose = None, False
+                _, namespace, has_page_id, page_id, text_ok, cleaned, controls = outcome
                 if not has_page_id:
                     page_id = index_id
                 if not isinstance(namespace, int):
-                    raise InputError(raw_path, "document lacks an integer 'namespace'", line=line_no)
+                    records.skip(line_no, "missing_field", "document lacks an integer 'namespace'")
+                    continue
                 if namespace != 0:
                     stats.drop("documents_other_namespace")
                     continue
                 if not text_ok:
-                    raise InputError(raw_path, "document lacks a string 'text'", line=line_no)
+                    records.skip(line_no, "missing_field", "document lacks a string 'text'")
+                    continue
                 if page_id is None:
-                    raise InputError(raw_path, "document lacks 'page_id' (and index _id)", line=line_no)
+                    records.skip(line_no, "missing_field", "document lacks 'page_id' (and index _id)")
+                    continue
                 stats.documents_read += 1
+                stats.control_char_records += controls
                 (sentences, kept, too_short, too_long), blob, hashes = cleaned
                 stats.lines_read += sentences
                 if too_short:
@@ -184,7 +231,8 @@ def _first_pass(raw_path: Path, settings: JawikiSettings, stats: CorpusStats, wo
                 if stats.documents_read == settings.max_documents:
                     return count  # max_documents counts namespace-0 articles, not dump lines
     if pending_index is not None:
-        raise InputError(raw_path, "index line without its document at the end", line=pending_index)
+        records.skip(pending_index, "index_without_document",
+                     "index line without its document at the end")
     return count
 
 
@@ -211,7 +259,8 @@ def build_jawiki_corpus(
     `pool`'s. Work files (~the cleaned text plus 9 bytes a sentence) go to a temporary folder
     inside `work_dir` (default: beside `train_path`) and are removed at the end, success or not.
     documents_train/validation count articles with at least one sentence in the length range
-    (before dedup); articles with none are counted in `dropped` instead.
+    (before dedup); articles with none are counted in `dropped` instead. More than
+    `max_bad_records` bad lines raise InputError naming the first; see the module docstring.
     """
     settings.validate()
     raw_path, train_path, validation_path = Path(raw_path), Path(train_path), Path(validation_path)
@@ -226,15 +275,17 @@ def build_jawiki_corpus(
 def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: JawikiSettings,
            work_dir: Path | None, pool: WorkerPool) -> CorpusStats:
     stats = CorpusStats(source=str(raw_path))
+    records = BadRecords(raw_path, stats, settings.max_bad_records)
     started = time.perf_counter()
     parent = Path(work_dir) if work_dir is not None else train_path.parent
     parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".jawiki-work-", dir=parent))
     try:
         with AtomicTextWriter(train_path) as train, AtomicTextWriter(validation_path) as validation:
-            count = _first_pass(raw_path, settings, stats, work, pool)
+            count = _first_pass(raw_path, settings, stats, records, work, pool)
             if stats.documents_read == 0:
-                raise InputError(raw_path, "contains no namespace-0 articles; check the dump file")
+                raise InputError(raw_path, "contains no namespace-0 articles; check the dump file"
+                                 + records.summary())
             hashes_path, flags_path = work / "hashes.u64", work / "first.u8"
             duplicates, buckets = mark_first_occurrences(hashes_path, count, flags_path)
             hashes_path.unlink()

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
 
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
@@ -27,6 +27,7 @@ from tinyplm_lib.storage import (
     sha256_file,
     write_manifest,
 )
+from tinyplm_lib.scratch import release_scratch_dir
 
 # Multipart above 64 MiB, in 64 MiB parts, 4 parts in flight: a 15 GB raw dump is ~230 parts.
 TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
@@ -78,8 +79,7 @@ class S3ArtifactStore(ArtifactStore):
                 "written (an interrupted upload, or never materialised); re-materialise it"
             )
         cached = self.path_for(key)
-        incoming = self.root / ".incoming" / uuid.uuid4().hex
-        incoming.mkdir(parents=True)
+        incoming = self._new_incoming()
         try:
             for entry in manifest["files"]:
                 target = incoming / entry["path"]
@@ -101,6 +101,7 @@ class S3ArtifactStore(ArtifactStore):
             return StoredArtifact(self._install(key, incoming), manifest)
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
+            release_scratch_dir(incoming)
 
     def exists(self, key: str) -> bool:
         return self._remote_manifest(key) is not None
@@ -161,7 +162,8 @@ class _S3Errors:
         return None
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        if exc is None or not isinstance(exc, (BotoCoreError, ClientError)):
+        # boto3's managed upload wraps a refused request (AccessDenied, ...) in S3UploadFailedError.
+        if exc is None or not isinstance(exc, (BotoCoreError, ClientError, S3UploadFailedError)):
             return False
         code = exc.response.get("Error", {}).get("Code", "") if isinstance(exc, ClientError) else ""
         if self.missing_ok and code in _MISSING:
@@ -179,7 +181,7 @@ def _scrub(message: str, client) -> str:
         secrets = [credentials.access_key, credentials.secret_key, credentials.token]
     except AttributeError:
         secrets = []
-    for secret in secrets:
-        if secret:
-            message = message.replace(secret, "***")
+    # Longest first; very short values (test keys such as "a") would blank ordinary letters.
+    for secret in sorted((s for s in secrets if s and len(s) >= 4), key=len, reverse=True):
+        message = message.replace(secret, "***")
     return message

@@ -2,7 +2,9 @@
 
 Bytes stream to ``<dest>.part`` and are hashed on the way; an interrupted download resumes with an
 HTTP ``Range`` request guarded by ``If-Range`` (S3: ``Range`` plus ``IfMatch`` on the recorded
-ETag), and the finished file is fsynced and renamed to ``dest``.
+ETag), and the finished file is fsynced and renamed to ``dest``. A 206 whose ETag, date or size
+differs from the part's is refused (never spliced); the size and any published checksum are
+checked before the rename.
 ``download("https://data.statmt.org/cc-100/ja.txt.xz", Path("raw/ja.txt.xz"))``
 """
 
@@ -13,6 +15,7 @@ import hashlib
 import http.client
 import json
 import os
+import re
 import sys
 import time
 import urllib.error
@@ -88,6 +91,7 @@ def download(
     backoff: float = 1.0,
     chunk_size: int = 1 << 20,
     s3_client: Any = None,
+    checksum_url: str | None = None,
 ) -> DownloadResult:
     """Fetch ``url`` into ``dest`` unless ``dest`` already holds it; safe to re-run after a crash.
 
@@ -100,6 +104,12 @@ def download(
     environment (credentials, ``AWS_ENDPOINT_URL_S3``, region) with ``timeout`` and botocore's own
     retries turned off, so that ``max_retries``/``backoff`` alone decide; a client passed in keeps
     its own timeouts and retry settings, which then apply within each of our attempts.
+
+    ``checksum_url`` names a checksum file the source publishes beside the data (``sha256sum`` /
+    ``md5sum`` output such as ``SHA256SUMS`` or ``md5sums.txt``, BSD-style ``SHA256 (name) = hex``
+    lines, or a lone hex digest as in ``ja.txt.xz.sha256``). It is fetched anew on every call, its
+    entry for the URL's file name is taken (md5, sha1, sha256 or sha512, told apart by length),
+    and the file, downloaded or already there, must match it.
     """
     dest = Path(dest)
     shown = redact_url(url)
@@ -113,11 +123,21 @@ def download(
             "url", f"{shown}: unsupported scheme {scheme!r}; use http://, https://, file:// or s3://"
         )
     s3_location = _parse_s3_url(url) if scheme == "s3" else None
+    published = None  # (algorithm, hex digest, where it came from)
+    if checksum_url is not None:
+        algorithm, value = fetch_published_checksum(
+            checksum_url, filename_from_url(url), dest.with_name(dest.name + ".checksum"),
+            timeout=timeout, max_retries=max_retries, backoff=backoff, s3_client=s3_client,
+        )
+        published = (algorithm, value, redact_url(checksum_url))
+        if algorithm == "sha256" and expected_sha256 not in (None, value):
+            raise ConfigError("expected_sha256", f"{expected_sha256} differs from the sha256 {value} "
+                              f"published in {redact_url(checksum_url)}")
 
     # A wrong size rules the file out without reading it (hashing cc100 means reading 15 GB).
     if dest.is_file() and expected_size in (None, dest.stat().st_size):
         size, digest = dest.stat().st_size, _hash_file(dest, chunk_size).hexdigest()
-        if expected_sha256 in (None, digest):
+        if expected_sha256 in (None, digest) and not _published_mismatch(dest, published, chunk_size, digest):
             return DownloadResult(dest, shown, size, digest, resumed_from=0)
     dest.parent.mkdir(parents=True, exist_ok=True)
 
@@ -142,12 +162,92 @@ def download(
         problems.append(f"size {size} bytes, expected {expected_size}")
     if expected_sha256 is not None and digest != expected_sha256:
         problems.append(f"sha256 {digest}, expected {expected_sha256}")
+    if not problems and published is not None:
+        problems.append(_published_mismatch(part.path, published, chunk_size, digest))
+    problems = [problem for problem in problems if problem]
     if problems:
         # The complete-but-wrong bytes would only be "resumed" into the same wrong file next time.
         part.discard()
         raise DownloadError(f"{shown}: downloaded file does not match: {'; '.join(problems)}")
     part.publish()
     return DownloadResult(dest, shown, size, digest, resumed_from)
+
+
+# Hex digest length -> algorithm, for checksum files that do not name theirs.
+_DIGEST_LENGTHS = {32: "md5", 40: "sha1", 64: "sha256", 128: "sha512"}
+_BSD_CHECKSUM = re.compile(r"^(MD5|SHA1|SHA256|SHA512) ?\((.+)\) ?= ?([0-9A-Fa-f]+)$")
+# A checksum file is a few lines per published file; anything far larger is not one.
+_MAX_CHECKSUM_FILE_BYTES = 4 << 20
+
+
+def parse_checksum_file(text: str, name: str, source: str) -> tuple[str, str]:
+    """(algorithm, lower-case hex digest) of ``name`` in a checksum file's ``text``.
+
+    Accepts ``<hex>  <name>`` / ``<hex> *<name>`` lines (coreutils), ``SHA256 (<name>) = <hex>``
+    (BSD) and a file holding one bare digest. Raises DownloadError naming ``source`` and the line
+    for anything else (an HTML error page served as the checksum file, for one).
+    """
+    entries: list[tuple[str | None, str, str]] = []
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        bsd = _BSD_CHECKSUM.match(line)
+        if bsd:
+            file_name, digest, algorithm = bsd.group(2), bsd.group(3).lower(), bsd.group(1).lower()
+        else:
+            digest, _, file_name = line.partition(" ")
+            digest, file_name = digest.lower(), file_name.strip().lstrip("*") or None
+            algorithm = _DIGEST_LENGTHS.get(len(digest), "")
+        if not algorithm or len(digest) != hashlib.new(algorithm).digest_size * 2 \
+                or any(c not in "0123456789abcdef" for c in digest):
+            raise DownloadError(f"{source}, line {line_no}: not a checksum line: {line[:80]!r}")
+        entries.append((file_name, algorithm, digest))
+    named = [e for e in entries if e[0] is not None and e[0].replace("\\", "/").rsplit("/", 1)[-1] == name]
+    if not named and len(entries) == 1 and entries[0][0] is None:
+        named = entries  # a lone digest, as in ``ja.txt.xz.sha256``
+    if not named:
+        raise DownloadError(f"{source}: lists no checksum for {name!r} ({len(entries)} entries)")
+    if len({e[1:] for e in named}) > 1:
+        raise DownloadError(f"{source}: lists conflicting checksums for {name!r}")
+    return named[0][1], named[0][2]
+
+
+def fetch_published_checksum(checksum_url: str, name: str, scratch: Path, *, timeout: float,
+                             max_retries: int, backoff: float, s3_client: Any = None) -> tuple[str, str]:
+    """Download ``checksum_url`` (with the same retries) and return its entry for ``name``."""
+    # Fetched anew every time: a kept copy would vouch for an older version of the data.
+    scratch.unlink(missing_ok=True)
+    result = download(checksum_url, scratch, progress=False, timeout=timeout, max_retries=max_retries,
+                      backoff=backoff, s3_client=s3_client)
+    try:
+        if result.size > _MAX_CHECKSUM_FILE_BYTES:
+            raise DownloadError(f"{result.url}: {result.size} bytes is too large for a checksum file")
+        try:
+            text = scratch.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DownloadError(f"{result.url}: not a text checksum file ({exc})") from exc
+        return parse_checksum_file(text, name, result.url)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def _published_mismatch(path: Path, published: tuple[str, str, str] | None, chunk_size: int,
+                        sha256: str) -> str:
+    """Empty when ``path`` (whose ``sha256`` is known) matches the published (algorithm, digest,
+    source), else what differs. Other algorithms cost one more read of the file."""
+    if published is None:
+        return ""
+    algorithm, expected, source = published
+    if algorithm == "sha256":
+        actual = sha256
+    else:
+        digest = hashlib.new(algorithm)
+        with open(path, "rb") as fh:
+            while chunk := fh.read(chunk_size):
+                digest.update(chunk)
+        actual = digest.hexdigest()
+    return "" if actual == expected else f"{algorithm} {actual}, published {expected} in {source}"
 
 
 def _check_settings(expected_sha256: str | None, expected_size: int | None, **numbers: float) -> str | None:
@@ -353,6 +453,13 @@ def _fetch_once(
             if start != offset:
                 part.reset()
                 raise _RetryableError(f"asked for bytes from {offset}, got from {start}; starting over")
+            # A server (or cache) that ignores If-Range would splice two versions of the file:
+            # check the validator and total of the 206 ourselves.
+            changed = _changed_since(validator, known_total, response.headers, total)
+            if changed:
+                part.reset()
+                raise _RetryableError(f"the file changed on the server since the partial download began "
+                                      f"({changed}); starting over")
         elif response.status == 200:
             # Range ignored or the file changed (If-Range failed): the body is the whole file.
             offset, total = 0, length
@@ -360,6 +467,7 @@ def _fetch_once(
         else:
             raise DownloadError(f"{shown}: unexpected HTTP {response.status} {response.reason}")
         if expected_size is not None and total is not None and total != expected_size:
+            part.discard()  # not the file we want: nothing of it is worth resuming
             raise DownloadError(f"{shown}: server reports {total} bytes, expected_size is {expected_size}")
 
         digest = part.digest()
@@ -420,6 +528,19 @@ def _parse_content_range(value: str | None) -> tuple[int, int | None]:
         return start, None if total == "*" else int(total)
     except ValueError as exc:
         raise _RetryableError(f"bad Content-Range {value!r} in a 206 response") from exc
+
+
+def _changed_since(validator: str | None, known_total: int | None, headers: Any, total: int | None) -> str:
+    """What shows that a 206 answer is of another version than the part's ("" if nothing does)."""
+    if known_total is not None and total is not None and known_total != total:
+        return f"size {known_total} -> {total} bytes"
+    if validator:
+        # The validator was an ETag (quoted) or a Last-Modified date: compare it with its own kind.
+        name = "ETag" if validator.startswith('"') else "Last-Modified"
+        now = headers.get(name)
+        if now and now != validator:
+            return f"{name} {validator} -> {now}"
+    return ""
 
 
 def _validator(headers: Any) -> str | None:
@@ -586,6 +707,7 @@ class _S3Source:
                 total = length
                 part.start(response.get("ETag"), total)
             if expected_size is not None and total is not None and total != expected_size:
+                part.discard()  # not the object we want: nothing of it is worth resuming
                 raise self.error(f"object has {total} bytes, expected_size is {expected_size}")
 
             digest = part.digest()

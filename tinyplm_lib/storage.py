@@ -3,6 +3,8 @@
 The manifest (`_manifest.json`: relative path, size and sha256 of every file) is written last; a
 directory without one is not an artifact. Loading verifies the manifest before returning a path,
 so a half-written or corrupted artifact is refused rather than trained on. Nothing is pickled.
+Scratch directories (`.staging/`, `.incoming/`) are locked by their live owner; those of a dead
+run are removed by the next one, never reused or appended to.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinyplm_lib.errors import StorageError
+from tinyplm_lib.scratch import claim_scratch_dir, exchange_paths, release_scratch_dir, sweep_scratch
 
 MANIFEST_NAME = "_manifest.json"
 MANIFEST_FORMAT = 1
 _HASH_CHUNK = 1 << 20
+# Scratch folders under a store's root; their entries are never artifacts.
+SCRATCH_DIRS = (".staging", ".incoming", ".trash")
 
 
 def sha256_file(path: Path) -> str:
@@ -135,10 +140,24 @@ class ArtifactStore:
         return self.root / key
 
     def staging_dir(self, label: str) -> Path:
-        """A fresh empty directory on the same filesystem as the store."""
-        path = self.root / ".staging" / f"{label}-{uuid.uuid4().hex[:12]}"
-        path.mkdir(parents=True)
-        return path
+        """A fresh empty directory on the same filesystem as the store, locked while we live.
+
+        Leftovers of crashed runs are removed first (see `remove_leftovers`): a new run never
+        reuses or appends to another run's half-written files.
+        """
+        self.remove_leftovers()
+        return claim_scratch_dir(self.root / ".staging", f"{label}-{uuid.uuid4().hex[:12]}")
+
+    def remove_leftovers(self) -> list[Path]:
+        """Delete scratch directories whose owner process is gone; returns what was removed.
+
+        Staging and incoming directories of live processes (this one included) are kept; a
+        `.trash` entry is always garbage (an old version being deleted).
+        """
+        removed = []
+        for name in SCRATCH_DIRS:
+            removed += sweep_scratch(self.root / name, locked=name != ".trash")
+        return removed
 
     def publish(self, key: str, source: Path, *, move: bool = False) -> StoredArtifact:
         """Store `source` as `key`, replacing any old version.
@@ -147,7 +166,12 @@ class ArtifactStore:
         longer needs), else copied, so a user's own directory is never taken away.
         """
         incoming, manifest = self._prepare(source, move)
-        self._commit(key, incoming, manifest)
+        try:
+            self._commit(key, incoming, manifest)
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True)
+            release_scratch_dir(incoming)
+            raise
         return StoredArtifact(self._install(key, incoming), manifest)
 
     def load(self, key: str) -> StoredArtifact:
@@ -174,39 +198,56 @@ class ArtifactStore:
         """Make the complete, manifested `incoming` directory durable as `key`."""
 
     # -- shared steps ------------------------------------------------------------------------
+    def _new_incoming(self, create: bool = True) -> Path:
+        """A claimed scratch path in `.incoming/` (created unless `create` is False)."""
+        return claim_scratch_dir(self.root / ".incoming", uuid.uuid4().hex, create=create)
+
     def _prepare(self, source: Path, move: bool = False) -> tuple[Path, dict]:
         source = Path(source)
         if not source.exists():
             raise StorageError(f"{source}: nothing to store (the asset produced no files)")
-        incoming = self.root / ".incoming" / uuid.uuid4().hex
-        incoming.parent.mkdir(parents=True, exist_ok=True)
-        if source.is_file():
-            # A single-file value becomes a directory holding that file.
-            incoming.mkdir()
-            _move_or_copy(source, incoming / source.name, self.root, move)
-        else:
-            _move_or_copy(source, incoming, self.root, move)
-        manifest = build_manifest(incoming)
-        write_manifest(incoming, manifest)
+        self.remove_leftovers()
+        incoming = self._new_incoming(create=source.is_file())
+        try:
+            if source.is_file():
+                # A single-file value becomes a directory holding that file.
+                _move_or_copy(source, incoming / source.name, self.root, move)
+            else:
+                _move_or_copy(source, incoming, self.root, move)
+                release_scratch_dir(source)  # a staging directory moved away is no longer ours
+            manifest = build_manifest(incoming)
+            write_manifest(incoming, manifest)
+        except BaseException:
+            shutil.rmtree(incoming, ignore_errors=True)
+            release_scratch_dir(incoming)
+            raise
         return incoming, manifest
 
     def _install(self, key: str, incoming: Path) -> Path:
         """Give the complete `incoming` directory its final local name, replacing the old one.
 
-        The old version is moved aside, never edited in place, so a crash leaves either the old
-        or the new complete directory (or none), never a mixture.
+        The old version is swapped out whole, never edited in place. Where the kernel can
+        exchange two names atomically (Linux renameat2), a crash leaves the old or the new
+        complete directory; elsewhere the old one is first moved to `.trash/`, so a crash in
+        between leaves neither (the next run rebuilds it), never a mixture.
         """
         final = self.path_for(key)
         final.parent.mkdir(parents=True, exist_ok=True)
-        trash = None
-        if final.exists():
-            trash = self.root / ".trash" / uuid.uuid4().hex
-            trash.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(final, trash)
-        os.replace(incoming, final)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-        return final
+        try:
+            if final.exists() and exchange_paths(incoming, final):
+                shutil.rmtree(incoming, ignore_errors=True)  # `incoming` now holds the old version
+                return final
+            trash = None
+            if final.exists():
+                trash = self.root / ".trash" / uuid.uuid4().hex
+                trash.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(final, trash)
+            os.replace(incoming, final)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+            return final
+        finally:
+            release_scratch_dir(incoming)
 
     def _local_keys(self, prefix: str) -> list[str]:
         base = self.path_for(prefix) if prefix else self.root

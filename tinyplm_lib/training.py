@@ -35,6 +35,7 @@ from tinyplm_lib.curves import loss_curve_png, write_tensorboard
 from tinyplm_lib.distributed import World, pick_device, single
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.packing import IGNORE_INDEX, MaskingSpec, MicroBatches, PackedSequences, mask_tokens
+from tinyplm_lib.stage_checks import check_stage_inputs
 from tinyplm_lib.storage import sha256_file
 from tinyplm_lib.training_args import load_training_arguments
 
@@ -217,6 +218,11 @@ def train_stage(
     out_dir = Path(out_dir)
     args, extras = load_training_arguments(options.training_args, out_dir / "trainer", options.overrides)
     max_seq_length = options.max_seq_length or int(extras.get("max_seq_length", 128))
+    # Model/tokenizer vocab mismatch and sizes, from small files only: before any model or data.
+    check_stage_inputs(model_config=options.model_config, tokenizer_dir=tokenizer_dir,
+                       init_from=options.init_from, max_seq_length=max_seq_length,
+                       max_eval_sequences=options.max_eval_sequences,
+                       eval_batch_size=args.per_device_eval_batch_size)
     if options.init_from is not None and not _same_vocab(options.init_from, tokenizer_dir):
         raise ConfigError("init_from", f"{options.init_from}/vocab.txt differs from {tokenizer_dir}/vocab.txt: "
                           "stage 2 must use the tokenizer stage 1 was trained with")

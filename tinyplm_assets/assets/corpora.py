@@ -3,6 +3,8 @@
 `cc100_ja_corpus` and `jawiki_corpus` each read their raw download once and write two assets,
 `*_train` and `*_validation`: directories holding `sentences.txt` (one sentence per line, UTF-8).
 Splits are whole documents chosen by a seeded hash, so re-running gives byte-identical files.
+Bad input lines are skipped up to `max_bad_records` and reported as `skipped_total`,
+`skipped_records` (by reason) and `skipped_examples`; past that the step fails naming the line.
 """
 
 
@@ -11,7 +13,7 @@ from pathlib import Path
 from dagster import AssetExecutionContext, AssetOut, Output, multi_asset
 
 from tinyplm_assets.config import Cc100CorpusConfig, JawikiCorpusConfig, worker_count
-from tinyplm_assets.metadata import flat_counts, text_sample
+from tinyplm_assets.metadata import flat_counts, skipped_records, text_sample
 from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_lib.cc100 import build_cc100_corpus
 from tinyplm_lib.jawiki import build_jawiki_corpus
@@ -32,7 +34,8 @@ def _outputs(prefix: str, staged: dict[str, Path], stats: dict):
         yield Output(
             directory,
             output_name=f"{prefix}_{split}",
-            metadata={**flat_counts(stats), "sample": text_sample(directory / SENTENCES)},
+            metadata={**flat_counts(stats), **skipped_records(stats),
+                      "sample": text_sample(directory / SENTENCES)},
         )
 
 

@@ -2,7 +2,8 @@
 
 Each is a standard Hugging Face folder (`model.safetensors`, `config.json`, tokenizer files,
 `metrics.json`). They run in the `gpu` concurrency pool (one at a time per Dagster instance) and
-carry the GPU request in their op tags for the Docker and Kubernetes run launchers. Training
+carry the GPU request in their op tags for the Kubernetes run launcher (the docker deployment
+gives run containers the GPUs through `device_requests` in docker/dagster.yaml). Training
 checkpoints go to the same store (`checkpoints/<asset>/step-N`, local or S3), so a stage killed
 on one machine resumes from its last checkpoint when re-materialised, here or elsewhere.
 """
@@ -14,19 +15,22 @@ from pathlib import Path
 from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
 from tinyplm_assets.config import Stage1Config, Stage2Config
-from tinyplm_assets.metadata import flat_counts
+from tinyplm_assets.metadata import flat_counts, made_from
 from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_assets.training_launch import run_stage
 
-# Read by dagster-k8s (pod resources) and by our docker deployment; a GPU box only runs these.
+# Read by dagster-k8s (pod resources: one GPU; a stage with distributed.processes N needs the limit
+# raised to N in its op tags). The docker deployment's run launcher reads no tags: it requests the
+# GPUs for every run container instead.
 GPU_OP_TAGS = {
     "tinyplm/gpu": "1",
     "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}},
 }
 
 
-def _result(metrics: dict, out_dir: Path) -> Output:
+def _result(metrics: dict, out_dir: Path, made_from_links: dict) -> Output:
     metadata = flat_counts({k: v for k, v in metrics.items() if k != "history"})
+    metadata.update(made_from_links)  # the exact data, tokenizer (and start model) it came from
     metadata["device"] = metrics["device"]
     # Inline, so the UI shows the curve without access to the artifact store (~10 kB).
     png = base64.b64encode((out_dir / "loss_curve.png").read_bytes()).decode()
@@ -45,7 +49,8 @@ def bert_stage1_cc100(context: AssetExecutionContext, config: Stage1Config, stor
     metrics, out_dir = run_stage(context, config, storage, "bert_stage1_cc100", train_dir=cc100_ja_tokens / "train",
                                  validation_dir=cc100_ja_tokens / "validation", tokenizer_dir=wordpiece_tokenizer,
                                  options=config.to_options())
-    return _result(metrics, out_dir)
+    return _result(metrics, out_dir, made_from(trained_on=("cc100_ja_tokens", cc100_ja_tokens),
+                                               tokenizer=("wordpiece_tokenizer", wordpiece_tokenizer)))
 
 
 @asset(group_name="training", pool="gpu", op_tags=GPU_OP_TAGS, kinds={"pytorch"})
@@ -55,4 +60,6 @@ def bert_stage2_jawiki(context: AssetExecutionContext, config: Stage2Config, sto
     metrics, out_dir = run_stage(context, config, storage, "bert_stage2_jawiki", train_dir=jawiki_tokens / "train",
                                  validation_dir=jawiki_tokens / "validation", tokenizer_dir=wordpiece_tokenizer,
                                  options=config.to_options(init_from=bert_stage1_cc100))
-    return _result(metrics, out_dir)
+    return _result(metrics, out_dir, made_from(trained_on=("jawiki_tokens", jawiki_tokens),
+                                               tokenizer=("wordpiece_tokenizer", wordpiece_tokenizer),
+                                               initialised_from=("bert_stage1_cc100", bert_stage1_cc100)))

@@ -11,8 +11,9 @@ from pathlib import Path
 from dagster import AssetExecutionContext, Output, asset
 
 from tinyplm_assets.config import TokenizerConfig, TokenizerSampleConfig, worker_count
-from tinyplm_assets.metadata import flat_counts, text_sample
+from tinyplm_assets.metadata import flat_counts, made_from, text_sample, tokenisation_sample
 from tinyplm_assets.resources import ArtifactStorage
+from tinyplm_lib.quality import read_sentences
 from tinyplm_lib.tokenizer import sample_sentences, train_tokenizer
 
 SAMPLE = "sample.txt"
@@ -36,4 +37,7 @@ def wordpiece_tokenizer(context: AssetExecutionContext, config: TokenizerConfig,
     info = train_tokenizer(tokenizer_sample / SAMPLE, staging, config.to_settings(),
                            workers=worker_count(config.workers))
     context.log.info(f"tokenizer: {info}")
-    return Output(staging, metadata=flat_counts(info))
+    # A few sample sentences through the saved folder, as users' AutoTokenizer will split them.
+    sample = tokenisation_sample(staging, read_sentences(tokenizer_sample / SAMPLE, 3))
+    return Output(staging, metadata={**flat_counts(info), "tokenisation_sample": sample,
+                                     **made_from(trained_on=("tokenizer_sample", tokenizer_sample))})

@@ -10,6 +10,7 @@ from pathlib import Path
 from dagster import AssetExecutionContext, AssetIn, MetadataValue, Output, asset
 
 from tinyplm_assets.config import TokenShardsConfig, worker_count
+from tinyplm_assets.metadata import made_from
 from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_lib.shards import TokenShards, encode_corpus
 from tinyplm_lib.tokenizer import load_tokenizer
@@ -37,6 +38,9 @@ def _token_asset(name: str, corpus: str, description: str):
             metadata.update({f"{split}.{key}": value for key, value in meta.items()
                              if isinstance(value, (int, float)) and not isinstance(value, bool)})
         metadata["decoded_sample"] = decoded_sample(staging / "validation", tokenizer)
+        metadata.update(made_from(train_text=(f"{corpus}_train", train),
+                                  validation_text=(f"{corpus}_validation", validation),
+                                  tokenizer=("wordpiece_tokenizer", tokenizer)))
         return Output(staging, metadata=metadata)
 
     return _tokens
