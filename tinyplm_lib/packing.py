@@ -149,6 +149,9 @@ class MicroBatches(torch.utils.data.Dataset):
     def __getitem__(self, k: int):
         flat = self.start_micro + k
         epoch, micro = self.start_epoch + flat // self.per_epoch, flat % self.per_epoch
+        # Each rank builds and masks the whole global batch and keeps its rows: N times the host
+        # work of its own slice (in loader workers, off the training thread), bought for updates
+        # identical to one process's and for no communication.
         size = self.batch_size * self.world
         chosen = self.order(epoch)[micro * size:(micro + 1) * size]
         ids, attention = self.sequences.batch(chosen)
