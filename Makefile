@@ -25,7 +25,7 @@ dagster-home:
 	ln -sf $(CURDIR)/dagster.yaml $(DAGSTER_HOME)/dagster.yaml
 
 demo: install dagster-home
-	$(VENV)/bin/dagster job execute -m tinyplm_assets -j pretrain_all -c configs/demo.yaml
+	$(VENV)/bin/dagster job execute -m tinyplm_assets.definitions -j pretrain_all -c configs/demo.yaml
 	@$(PY) -m tinyplm_assets.locate bert_stage2_jawiki
 
 # tests/test_ui_browser.py drives Debian's chromium: installed here when missing and we are root,

@@ -44,11 +44,12 @@ from bench.faults_lab import (
     start_child,
     tree_digest,
 )
-from tinyplm_lib import sources
+from tinyplm_lib.downloads import sources
+from tinyplm_lib.downloads.sources import DownloadError, download
 from tinyplm_lib.errors import ConfigError, InputError, StorageError
-from tinyplm_lib.sources import DownloadError, download
-from tinyplm_lib.scratch import release_scratch_dir
-from tinyplm_lib.storage import MANIFEST_NAME, LocalArtifactStore
+from tinyplm_lib.layout import MANIFEST_FILE
+from tinyplm_lib.store.artifacts import LocalArtifactStore
+from tinyplm_lib.store.scratch import release_scratch_dir
 
 FAST = {"progress": False, "backoff": 0.0, "chunk_size": 64 * 1024}
 BUCKET = "tinyplm-faults"
@@ -314,8 +315,8 @@ def _corpus_into_store(lab: Lab, work: Path, corpus: str, raw: Path) -> tuple[Lo
 
 
 def _build(corpus: str, raw: Path, out: Path, **extra):
-    from tinyplm_lib.cc100 import Cc100Settings, build_cc100_corpus
-    from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
+    from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
+    from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
 
     if corpus == "cc100":
         settings = Cc100Settings(**{**CC100_SETTINGS, **extra})
@@ -355,8 +356,8 @@ def truncated_gz_is_an_error(lab: Lab, run: Run) -> None:
 
 
 def _has_setting(corpus: str, name: str) -> bool:
-    from tinyplm_lib.cc100 import Cc100Settings
-    from tinyplm_lib.jawiki import JawikiSettings
+    from tinyplm_lib.corpora.cc100 import Cc100Settings
+    from tinyplm_lib.corpora.jawiki import JawikiSettings
 
     return name in {f.name for f in fields(Cc100Settings if corpus == "cc100" else JawikiSettings)}
 
@@ -413,9 +414,9 @@ def bad_json_line_in_jawiki(lab: Lab, run: Run) -> None:
 @scenario("input")
 def impossible_settings_fail_before_work(lab: Lab, run: Run) -> None:
     """Impossible settings: ConfigError naming the setting before any request, file or folder."""
-    from tinyplm_lib.cc100 import Cc100Settings, build_cc100_corpus
-    from tinyplm_lib.jawiki import JawikiSettings
-    from tinyplm_lib.shards import encode_corpus
+    from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
+    from tinyplm_lib.corpora.jawiki import JawikiSettings
+    from tinyplm_lib.tokens.shards import encode_corpus
 
     work = lab.dir("config-errors")
     out = work / "never"
@@ -542,7 +543,7 @@ def stale_scratch_leftovers(lab: Lab, run: Run) -> None:
 
 
 def _s3_store(lab: Lab, cache: Path, client=None, prefix: str = "faults"):
-    from tinyplm_lib.s3_store import S3ArtifactStore
+    from tinyplm_lib.store.s3 import S3ArtifactStore
 
     server = lab.moto()
     lab._cached("bucket", lambda: server.create_bucket(BUCKET) or BUCKET)
@@ -592,7 +593,7 @@ def s3_publish_killed(lab: Lab, run: Run) -> None:
     try:
         loaded = reader.load("thing").manifest
     except StorageError as exc:
-        run.check(f"s3://{BUCKET}/killed/thing" in str(exc) and MANIFEST_NAME in str(exc),
+        run.check(f"s3://{BUCKET}/killed/thing" in str(exc) and MANIFEST_FILE in str(exc),
                   f"the refusal does not name the artifact and its manifest: {exc}")
         run.check(not reader.path_for("thing").exists(), "a half-uploaded artifact reached the reader's cache")
         outcome = "refused by name"
@@ -649,7 +650,7 @@ def s3_connections_cut_mid_upload(lab: Lab, run: Run) -> None:
         run.raises(StorageError, lambda: store.publish("thing", source), f"s3://{BUCKET}/cut/thing", proxy.endpoint)
         proxy.restore()
         reader = _s3_store(lab, work / "reader", prefix="cut")
-        run.raises(StorageError, lambda: reader.load("thing"), MANIFEST_NAME)
+        run.raises(StorageError, lambda: reader.load("thing"), MANIFEST_FILE)
         client.upload_file = upload_file
         manifest = store.publish("thing", source).manifest
         run.artifact(reader.load("thing").manifest == manifest, "the re-published artifact differs")
@@ -753,7 +754,7 @@ STEPS = 16  # of the demo model on demo shards, checkpointed every 4
 @scenario("step")
 def training_killed_then_resumed(lab: Lab, run: Run) -> None:
     """SIGKILL of a training stage after a checkpoint: the re-run resumes and ends at the same step and weights."""
-    from tinyplm_lib.checkpoints import LocalCheckpointSink
+    from tinyplm_lib.training.checkpoints import LocalCheckpointSink
 
     data = lab.demo_data()
     work = lab.dir("training-killed")

@@ -168,9 +168,9 @@ class Lab:
     def demo_data(self) -> Path:
         """Demo JaWiki corpus -> tokenizer (vocab 2,000) -> token shards, as test_training builds them."""
         def build() -> Path:
-            from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
-            from tinyplm_lib.shards import encode_corpus
-            from tinyplm_lib.tokenizer import TokenizerSettings, train_tokenizer
+            from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
+            from tinyplm_lib.tokens.shards import encode_corpus
+            from tinyplm_lib.tokens.tokenizer import TokenizerSettings, train_tokenizer
 
             root = self.root / "demo-data"
             build_jawiki_corpus(DEMO_DIR / "demo-jawiki-cirrussearch.json.gz", root / "train.txt",
@@ -337,7 +337,7 @@ def _close(sock: socket.socket) -> None:
 
 
 def _job_download(args: dict) -> dict:
-    from tinyplm_lib.sources import download
+    from tinyplm_lib.downloads.sources import download
 
     return download(args["url"], Path(args["dest"]), progress=False, backoff=0.0, max_retries=args.get("retries", 0),
                     chunk_size=args.get("chunk_size", 1 << 16)).to_dict()
@@ -345,9 +345,9 @@ def _job_download(args: dict) -> dict:
 
 def _job_corpus_step(args: dict) -> dict:
     """An asset's whole step: staging dir -> corpus build -> atomic publish of both splits."""
-    from tinyplm_lib.cc100 import Cc100Settings, build_cc100_corpus
-    from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
-    from tinyplm_lib.storage import LocalArtifactStore
+    from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
+    from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
+    from tinyplm_lib.store.artifacts import LocalArtifactStore
 
     store = LocalArtifactStore(Path(args["root"]))
     staged = {split: store.staging_dir(f"{args['corpus']}_{split}") for split in ("train", "validation")}
@@ -363,7 +363,7 @@ def _job_corpus_step(args: dict) -> dict:
 
 
 def _job_shards(args: dict) -> dict:
-    from tinyplm_lib.shards import encode_corpus
+    from tinyplm_lib.tokens.shards import encode_corpus
 
     meta = encode_corpus(Path(args["text"]), Path(args["tokenizer"]), Path(args["out"]), workers=1,
                          shard_lines=args["shard_lines"])
@@ -371,7 +371,7 @@ def _job_shards(args: dict) -> dict:
 
 
 def _job_publish(args: dict) -> dict:
-    from tinyplm_lib.storage import LocalArtifactStore
+    from tinyplm_lib.store.artifacts import LocalArtifactStore
 
     return LocalArtifactStore(Path(args["root"])).publish(args["key"], Path(args["source"])).manifest
 
@@ -379,7 +379,7 @@ def _job_publish(args: dict) -> dict:
 def _job_s3_publish(args: dict) -> dict:
     import boto3
 
-    from tinyplm_lib.s3_store import S3ArtifactStore
+    from tinyplm_lib.store.s3 import S3ArtifactStore
 
     client = boto3.client("s3", endpoint_url=args["endpoint"])
     store = S3ArtifactStore(Path(args["cache"]), client, args["bucket"], args["prefix"])
@@ -388,7 +388,7 @@ def _job_s3_publish(args: dict) -> dict:
 
 def _job_hold_staging(args: dict) -> dict:
     """Claim a staging dir, half-fill it, and wait to be killed (a crashed or a live writer)."""
-    from tinyplm_lib.storage import LocalArtifactStore
+    from tinyplm_lib.store.artifacts import LocalArtifactStore
 
     staging = LocalArtifactStore(Path(args["root"])).staging_dir(args["label"])
     (staging / "sentences.txt").write_text("half-written by another run\n", encoding="utf-8")
@@ -398,8 +398,8 @@ def _job_hold_staging(args: dict) -> dict:
 
 
 def _job_train(args: dict) -> dict:
-    from tinyplm_lib.checkpoints import LocalCheckpointSink
-    from tinyplm_lib.training import RuntimeOptions, StageOptions, train_stage
+    from tinyplm_lib.training.checkpoints import LocalCheckpointSink
+    from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, train_stage
 
     data, pace = Path(args["data"]), args["pace"]
     options = StageOptions(model_config=MODEL_CONFIG, training_args=TRAIN_ARGS, max_seq_length=64,

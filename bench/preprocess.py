@@ -92,7 +92,7 @@ def original_jawiki(raw: Path, out: Path) -> int:
     import gzip
     from collections import OrderedDict
 
-    from tinyplm_lib.cleaning import clean_wiki_text
+    from tinyplm_lib.corpora.cleaning import clean_wiki_text
 
     parts = [out / f"jawiki-{k:02d}.txt" for k in range(ORIGINAL_FILES)]
     files = [open(p, "w", encoding="utf-8") for p in parts]
@@ -172,10 +172,10 @@ def _prepare_baseline(args):
 # --- ours -----------------------------------------------------------------------------------------
 
 def _prepare_ours(args):
-    from tinyplm_lib.cc100 import Cc100Settings, build_cc100_corpus
-    from tinyplm_lib.encoding import WorkerPool
-    from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
-    from tinyplm_lib.shards import encode_corpus
+    from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
+    from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
+    from tinyplm_lib.parallel import WorkerPool
+    from tinyplm_lib.tokens.shards import encode_corpus
 
     # 1/32 of the documents for validation, as the original's file 31.
     cc100 = Cc100Settings(max_lines=CC100_MAX_LINES, max_validation_lines=CC100_MAX_VALIDATION_LINES,
@@ -283,8 +283,8 @@ def measure_path(name: str, args, work: Path, tokenizer: Path) -> dict:
 
 def train_shared_tokenizer(args, work: Path) -> tuple[Path, dict]:
     """The one tokenizer both paths use: the default recipe, on our JaWiki train split."""
-    from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
-    from tinyplm_lib.tokenizer import TokenizerSettings, sample_sentences, train_tokenizer
+    from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
+    from tinyplm_lib.tokens.tokenizer import TokenizerSettings, sample_sentences, train_tokenizer
 
     setup = work / "setup"
     started = time.perf_counter()
@@ -303,7 +303,7 @@ def compare_ids(ours_dir: Path, baseline_outputs: dict) -> dict:
     import numpy as np
     from datasets import Dataset, concatenate_datasets
 
-    from tinyplm_lib.shards import TokenShards
+    from tinyplm_lib.tokens.shards import TokenShards
 
     ours: dict[int, int] = {}
     for corpus in CORPORA:

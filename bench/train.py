@@ -8,7 +8,7 @@ parameters) on the same cc100-style text with the same learning rate, schedule a
 - baseline, as `run_mlm.py --line_by_line` does it: one line per sequence tokenised by
   `BertJapaneseTokenizer` (done up front, untimed, as run_mlm's preprocessing), dynamic padding,
   `DataCollatorForLanguageModeling`, HF `Trainer`, fp32, vocabulary logits at every position;
-- ours: `tinyplm_lib.training.train_stage` on packed token shards, logits at masked positions
+- ours: `tinyplm_lib.training.stage.train_stage` on packed token shards, logits at masked positions
   only, bf16 autocast where the device has it, DataLoader workers.
 
 Each run stops after `--seconds` of training; both final models are then evaluated with the same
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tinyplm_lib.training import (RuntimeOptions, StageOptions, build_model, evaluate, masking_spec,
-                                  pick_device, train_stage)
-from tinyplm_lib.packing import PackedSequences
+from tinyplm_lib.training.distributed import pick_device
+from tinyplm_lib.training.packing import PackedSequences
+from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, build_model, evaluate, masking_spec, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = {"per_device_eval_batch_size": 64, "lr_scheduler_type": "constant_with_warmup",
@@ -41,10 +41,10 @@ TRAIN_ARGS = {"per_device_eval_batch_size": 64, "lr_scheduler_type": "constant_w
 
 def prepare(web: Path, wiki: Path, work: Path, *, max_lines: int, vocab_size: int, seq_len: int) -> None:
     """Corpora, tokenizer, our shards and the baseline's token ids, cached under `work`."""
-    from tinyplm_lib.cc100 import Cc100Settings, build_cc100_corpus
-    from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
-    from tinyplm_lib.shards import encode_corpus
-    from tinyplm_lib.tokenizer import TokenizerSettings, load_tokenizer, train_tokenizer
+    from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
+    from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
+    from tinyplm_lib.tokens.shards import encode_corpus
+    from tinyplm_lib.tokens.tokenizer import TokenizerSettings, load_tokenizer, train_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)
     if (work / "prepared.json").is_file():
@@ -69,8 +69,13 @@ def prepare(web: Path, wiki: Path, work: Path, *, max_lines: int, vocab_size: in
 def run_baseline(work: Path, model_config: Path, *, seconds: float, batch: int, lr: float, out: Path,
                  sampling: str = "random") -> dict:
     """run_mlm's line_by_line training loop through HF Trainer, stopped after `seconds`."""
-    from transformers import (DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        PreTrainedTokenizerFast,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
 
     ids, offsets = np.load(work / "baseline-ids.npy"), np.load(work / "baseline-offsets.npy")
     examples = [{"input_ids": ids[offsets[i]:offsets[i + 1]].astype(np.int64).tolist()}

@@ -17,14 +17,14 @@ from pathlib import Path
 
 import pytest
 
-import tinyplm_lib.cc100 as cc100_module
-import tinyplm_lib.jawiki as jawiki_module
-from tinyplm_lib.cc100 import Cc100Settings, build_cc100_corpus
-from tinyplm_lib.cleaning import has_control_chars
-from tinyplm_lib.corpus import LineReader
-from tinyplm_lib.encoding import WorkerPool
+import tinyplm_lib.corpora.cc100 as cc100_module
+import tinyplm_lib.corpora.jawiki as jawiki_module
+from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
+from tinyplm_lib.corpora.cleaning import has_control_chars
+from tinyplm_lib.corpora.corpus import LineReader
+from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
 from tinyplm_lib.errors import InputError
-from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
+from tinyplm_lib.parallel import WorkerPool
 
 # Limits small enough that a test line can pass them; the shared samples' longest lines are
 # 11,752 bytes (cc100 format) and 185 kB (JaWiki), under both.
@@ -286,7 +286,7 @@ def test_corpus_asset_reports_skipped_records(web_lines, tmp_path):
 
     from tinyplm_assets.assets import corpora, models, sources, tokenizer, tokens
     from tinyplm_assets.resources import ArtifactIOManager, ArtifactStorage
-    from tinyplm_lib.storage import LocalArtifactStore, artifact_key
+    from tinyplm_lib.store.artifacts import LocalArtifactStore, artifact_key
 
     damaged, bad, _ = _damaged_web(web_lines)
     raw_dir = tmp_path / "raw"

@@ -20,12 +20,13 @@ import pytest
 import yaml
 from dagster import AssetKey, DagsterEventType, DagsterInstance, MetadataValue, materialize
 
-from conftest import REPO_ROOT
 from tinyplm_assets.checks import StageCheckConfig, bert_stage1_cc100_loss_checks
 from tinyplm_assets.definitions import defs
 from tinyplm_assets.resources import ArtifactIOManager, ArtifactStorage
 from tinyplm_lib.errors import InputError
 from tinyplm_lib.quality import binomial_sigmas, nonfinite_losses, scan_split
+
+from conftest import REPO_ROOT
 
 DEMO_OPS = yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text())["ops"]
 # Steps that would otherwise start a process pool per step: one worker keeps the tests quick.

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from tinyplm_lib.cleaning import clean_wiki_text, normalize_line, split_sentences
+from tinyplm_lib.corpora.cleaning import clean_wiki_text, normalize_line, split_sentences
 
 
 def _no_space(text: str) -> str:

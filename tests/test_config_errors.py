@@ -3,7 +3,7 @@
 Four layers: Dagster's own run-config validation (unknown keys, wrong types), the run preflight
 (`tinyplm_assets/preflight.py`: every asset's values and the tokenizer/model vocab agreement, when
 the run's first step starts), the corpus builders (a validation budget the corpus cannot leave
-room for) and the training stage's own start (`tinyplm_lib/stage_checks.py`, against the real
+room for) and the training stage's own start (`tinyplm_lib/training/stage_checks.py`, against the real
 tokenizer, before a model is built or data read). A few seconds; nothing is trained.
 """
 
@@ -16,11 +16,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT
-from tinyplm_lib import training
-from tinyplm_lib.cc100 import Cc100Settings, build_cc100_corpus
+from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.training import StageOptions, train_stage
+from tinyplm_lib.training import stage as training
+from tinyplm_lib.training.stage import StageOptions, train_stage
+
+from conftest import REPO_ROOT
 
 DEMO = yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text())
 FULL = yaml.safe_load((REPO_ROOT / "configs" / "full.yaml").read_text())
@@ -29,7 +30,7 @@ ARGS = REPO_ROOT / "configs" / "train" / "demo-stage1.json"
 
 
 def _job(name: str):
-    from tinyplm_assets import defs
+    from tinyplm_assets.definitions import defs
 
     return defs.resolve_job_def(name)
 

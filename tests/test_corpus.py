@@ -13,14 +13,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import tinyplm_lib.jawiki as jawiki_module
-from tinyplm_lib.cc100 import Cc100Settings, build_cc100_corpus
-from tinyplm_lib.cleaning import clean_wiki_text, split_sentences
-from tinyplm_lib.corpus import AtomicTextWriter, LineReader, decode_lines, in_validation, iter_flags
-from tinyplm_lib.corpus import read_lines
-from tinyplm_lib.corpus import mark_first_occurrences
+import tinyplm_lib.corpora.jawiki as jawiki_module
+from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
+from tinyplm_lib.corpora.cleaning import clean_wiki_text, split_sentences
+from tinyplm_lib.corpora.corpus import (
+    AtomicTextWriter,
+    LineReader,
+    decode_lines,
+    in_validation,
+    iter_flags,
+    mark_first_occurrences,
+    read_lines,
+)
+from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
 from tinyplm_lib.errors import ConfigError, InputError
-from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
 
 CC100_LINES, CC100_VALIDATION = 20_000, 1_000
 CC100_SETTINGS = Cc100Settings(max_lines=CC100_LINES, max_validation_lines=CC100_VALIDATION)

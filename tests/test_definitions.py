@@ -6,8 +6,8 @@ import json
 
 from dagster import AssetKey
 
-from tinyplm_assets import defs
 from tinyplm_assets.assets.models import GPU_OP_TAGS
+from tinyplm_assets.definitions import defs
 
 ASSETS = {
     "cc100_ja_raw", "jawiki_raw", "cc100_ja_train", "cc100_ja_validation", "jawiki_train",

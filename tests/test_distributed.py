@@ -18,18 +18,19 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tinyplm_lib.training.distributed import loopback_env, torchrun_command
+from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, train_stage
+
 from test_training import ARGS, MODEL, data  # noqa: F401  (the module fixture)
-from tinyplm_lib.distributed import loopback_env, torchrun_command
-from tinyplm_lib.training import RuntimeOptions, StageOptions, train_stage
 
 pytestmark = pytest.mark.slow
 
 WORKER = """
 import json, sys, time
 from pathlib import Path
-from tinyplm_lib import distributed
-from tinyplm_lib.checkpoints import LocalCheckpointSink
-from tinyplm_lib.training import RuntimeOptions, StageOptions, train_stage
+from tinyplm_lib.training import distributed
+from tinyplm_lib.training.checkpoints import LocalCheckpointSink
+from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, train_stage
 data, out, model, args, batch = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5])
 steps, pace = int(sys.argv[6]), float(sys.argv[7])
 world = distributed.from_env()

@@ -9,13 +9,12 @@ model `AutoModelForMaskedLM` loads.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+
+from tinyplm_lib.store.artifacts import LocalArtifactStore, artifact_key
 
 from conftest import REPO_ROOT
 from test_training import data  # noqa: F401  (the module fixture)
-from tinyplm_lib.storage import LocalArtifactStore, artifact_key
 
 pytestmark = pytest.mark.slow
 

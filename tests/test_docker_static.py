@@ -328,7 +328,7 @@ def test_dockerignore_keeps_state_and_secrets_out_of_the_build_context():
     for path in (".venv/.installed", ".git/HEAD", ".tinyplm/artifacts", ".dagster/dagster.yaml",
                  "docker/.env", "tinyplm_lib/__pycache__/x.pyc"):
         assert _dockerignored(path, patterns), f"{path} would be sent to the image"
-    for path in ("Makefile", "pyproject.toml", "README.md", "tinyplm_lib/storage.py", "tinyplm_assets/__init__.py",
+    for path in ("Makefile", "pyproject.toml", "README.md", "tinyplm_lib/store/artifacts.py", "tinyplm_assets/__init__.py",
                  "configs/demo.yaml", "data/demo", "docker/dagster.yaml", "docker/workspace.yaml"):
         assert not _dockerignored(path, patterns), f"{path} is needed in the image but ignored"
 

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_DIR
-from http_server import FileHTTPServer
-from tinyplm_lib.dumps import (
+from tinyplm_lib.downloads.dumps import (
     DumpIndexError,
     dated_folders,
     dump_date_from_url,
@@ -25,6 +23,9 @@ from tinyplm_lib.dumps import (
     resolve_cirrussearch_dump,
 )
 from tinyplm_lib.errors import ConfigError
+
+from conftest import DEMO_DIR
+from http_server import FileHTTPServer
 
 INDEX_PATH = "other/cirrussearch"
 

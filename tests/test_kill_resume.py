@@ -17,16 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from tinyplm_lib.training.checkpoints import LocalCheckpointSink
+
 from test_training import ARGS, MODEL, data  # noqa: F401  (the module fixture)
-from tinyplm_lib.checkpoints import LocalCheckpointSink
 
 pytestmark = pytest.mark.slow
 
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from tinyplm_lib.checkpoints import LocalCheckpointSink
-from tinyplm_lib.training import RuntimeOptions, StageOptions, train_stage
+from tinyplm_lib.training.checkpoints import LocalCheckpointSink
+from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, train_stage
 data, out, sink, pace = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
 options = StageOptions(model_config=Path(sys.argv[5]), training_args=Path(sys.argv[6]), max_seq_length=64,
                        overrides={"max_steps": 60, "save_steps": 10, "logging_steps": 5})

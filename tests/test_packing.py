@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.packing import IGNORE_INDEX, MaskingSpec, collate, mask_tokens, pack_sentences
+from tinyplm_lib.training.packing import IGNORE_INDEX, MaskingSpec, collate, mask_tokens, pack_sentences
 
 
 def test_packing_keeps_sentences_whole_and_in_budget():

@@ -60,7 +60,7 @@ def _succeeded_steps(dagster_home: str | Path) -> set[str]:
 def demo_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("demo")
     env = _env(tmp)
-    result = _dagster(["job", "execute", "-m", "tinyplm_assets", "-j", "pretrain_all",
+    result = _dagster(["job", "execute", "-m", "tinyplm_assets.definitions", "-j", "pretrain_all",
                        "-c", "configs/demo.yaml"], env)
     artifacts = tmp / "home" / "artifacts"
     return {"env": env, "artifacts": artifacts, "output": result.stdout + result.stderr}
@@ -102,7 +102,7 @@ def test_downstream_asset_rematerialises_alone_from_storage(demo_run):
     artifacts = demo_run["artifacts"]
     before = {name: (artifacts / name / "_manifest.json").stat().st_mtime_ns for name in UPSTREAM}
     old_manifest = (artifacts / "bert_stage2_jawiki" / "_manifest.json").stat().st_mtime_ns
-    _dagster(["asset", "materialize", "-m", "tinyplm_assets", "--select", "bert_stage2_jawiki",
+    _dagster(["asset", "materialize", "-m", "tinyplm_assets.definitions", "--select", "bert_stage2_jawiki",
              "-c", "configs/demo.yaml"], demo_run["env"])
     assert _succeeded_steps(demo_run["env"]["DAGSTER_HOME"]) == {"bert_stage2_jawiki", "bert_stage2_jawiki_loss_checks"}
     assert {name: (artifacts / name / "_manifest.json").stat().st_mtime_ns for name in UPSTREAM} == before
@@ -110,10 +110,10 @@ def test_downstream_asset_rematerialises_alone_from_storage(demo_run):
 
 
 def test_definitions_validate_and_full_profile_config_is_valid(demo_run):
-    _dagster(["definitions", "validate", "-m", "tinyplm_assets"], demo_run["env"], timeout=300)
+    _dagster(["definitions", "validate", "-m", "tinyplm_assets.definitions"], demo_run["env"], timeout=300)
     from dagster import validate_run_config
 
-    from tinyplm_assets import defs
+    from tinyplm_assets.definitions import defs
 
     full = yaml.safe_load((REPO_ROOT / "configs" / "full.yaml").read_text())
     demo = yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text())

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
-import tinyplm_lib.cc100 as cc100_module
-import tinyplm_lib.jawiki as jawiki_module
-import tinyplm_lib.shards as shards_module
-from tinyplm_lib.cc100 import Cc100Settings, build_cc100_corpus
-from tinyplm_lib.encoding import FastEncoder, WorkerPool, map_in_order, worker_encoder
+import tinyplm_lib.corpora.cc100 as cc100_module
+import tinyplm_lib.corpora.jawiki as jawiki_module
+import tinyplm_lib.tokens.shards as shards_module
+from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
+from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
 from tinyplm_lib.errors import ConfigError, InputError
-from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
-from tinyplm_lib.shards import TokenShards, encode_corpus
-from tinyplm_lib.tokenizer import TokenizerSettings, train_tokenizer
+from tinyplm_lib.parallel import WorkerPool, map_in_order
+from tinyplm_lib.tokens.encoding import FastEncoder, worker_encoder
+from tinyplm_lib.tokens.shards import TokenShards, encode_corpus
+from tinyplm_lib.tokens.tokenizer import TokenizerSettings, train_tokenizer
 
 CC100 = Cc100Settings(max_lines=20_000, max_validation_lines=1_000, validation_doc_fraction=0.1)
 JAWIKI = JawikiSettings(max_documents=150, validation_fraction=0.1)

@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from tinyplm_lib.cleaning import CONTROL_CHARS, clean_wiki_text, normalize_line, split_sentences
-from tinyplm_lib.encoding import FastEncoder
-from tinyplm_lib.tokenizer import TokenizerSettings, train_tokenizer
+from tinyplm_lib.corpora.cleaning import CONTROL_CHARS, clean_wiki_text, normalize_line, split_sentences
+from tinyplm_lib.tokens.encoding import FastEncoder
+from tinyplm_lib.tokens.tokenizer import TokenizerSettings, train_tokenizer
 
 # Characters the rules react to, mixed into arbitrary text so that hypothesis meets them often:
 # brackets and terminators of both widths, template and tag syntax, whitespace of every kind,
@@ -225,7 +225,7 @@ def test_encoder_ids_in_range_and_text_comes_back(encoder, vocab, text):
 
 @pytest.fixture(scope="module")
 def slow_tokenizer(tokenizer_dir):
-    from tinyplm_lib.tokenizer import load_tokenizer
+    from tinyplm_lib.tokens.tokenizer import load_tokenizer
 
     return load_tokenizer(tokenizer_dir)
 

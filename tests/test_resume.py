@@ -13,12 +13,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import get_scheduler
 
-from test_training import ARGS, MODEL, data  # noqa: F401  (`data` is the module fixture)
-from tinyplm_lib import training
-from tinyplm_lib.checkpoints import LocalCheckpointSink, read_checkpoint, restore_checkpoint, write_checkpoint
 from tinyplm_lib.errors import ConfigError, StorageError
-from tinyplm_lib.storage import MANIFEST_NAME, build_manifest, write_manifest
-from tinyplm_lib.training import StageOptions, train_stage
+from tinyplm_lib.layout import MANIFEST_FILE
+from tinyplm_lib.store.artifacts import build_manifest, write_manifest
+from tinyplm_lib.training import stage as training
+from tinyplm_lib.training.checkpoints import LocalCheckpointSink, read_checkpoint, restore_checkpoint, write_checkpoint
+from tinyplm_lib.training.stage import StageOptions, train_stage
+
+from test_training import ARGS, MODEL, data  # noqa: F401  (`data` is the module fixture)
 
 CRASH_AT = 27
 # Logging every 7 steps, evaluating every 15 and saving every 10 leaves running-loss sums and
@@ -157,7 +159,7 @@ def test_damaged_checkpoint_is_refused_naming_the_file(data, crashed, tmp_path):
 def test_checkpoint_files_are_json_and_safetensors_only(crashed):
     files = [p for p in (crashed / "pristine").rglob("*") if p.is_file()]
     assert {p.name for p in files} == {"model.safetensors", "trainer.safetensors", "trainer.json", "state.json",
-                                       MANIFEST_NAME}
+                                       MANIFEST_FILE}
     for path in files:
         raw = path.read_bytes()
         assert path.suffix in {".json", ".safetensors"}, path
@@ -266,9 +268,10 @@ def test_save_interval_accepts_a_fraction_of_the_run():
 
 def test_checkpoints_in_an_s3_bucket_resume_on_another_machine(data, reference, tmp_path):  # noqa: F811
     """A stage killed on one machine resumes on another from what the bucket holds."""
+    from tinyplm_lib.store.s3 import S3ArtifactStore
+    from tinyplm_lib.training.checkpoints import StoreCheckpointSink
+
     from s3_server import MotoServer
-    from tinyplm_lib.checkpoints import StoreCheckpointSink
-    from tinyplm_lib.s3_store import S3ArtifactStore
 
     with MotoServer() as server:
         server.create_bucket("ckpt")

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_pipeline import CHECK_STEPS, _succeeded_steps
 
 from conftest import REPO_ROOT
 from s3_server import ACCESS_KEY, SECRET_KEY, MotoServer
-from test_pipeline import CHECK_STEPS, _succeeded_steps
 
 pytestmark = pytest.mark.slow
 
@@ -50,7 +50,7 @@ def s3_run(tmp_path_factory):
         server.create_bucket(BUCKET)
         tmp = tmp_path_factory.mktemp("s3")
         env = _machine(tmp / "cpu-box", server)
-        output = _run(["job", "execute", "-m", "tinyplm_assets", "-j", "pretrain_all",
+        output = _run(["job", "execute", "-m", "tinyplm_assets.definitions", "-j", "pretrain_all",
                        "-c", "configs/demo.yaml", "-c", str(FAST)], env)
         yield {"server": server, "tmp": tmp, "output": output, "env": env}
 
@@ -75,7 +75,7 @@ def test_whole_graph_lands_in_the_bucket(s3_run):
 def test_fresh_machine_rematerialises_stage2_from_the_bucket(s3_run):
     env = _machine(s3_run["tmp"] / "gpu-box", s3_run["server"])
     before = _bucket(s3_run["server"])
-    output = _run(["asset", "materialize", "-m", "tinyplm_assets", "--select", "bert_stage2_jawiki",
+    output = _run(["asset", "materialize", "-m", "tinyplm_assets.definitions", "--select", "bert_stage2_jawiki",
                    "-c", "configs/demo.yaml", "-c", str(FAST)], env)
     assert _succeeded_steps(env["DAGSTER_HOME"]) == {"bert_stage2_jawiki", "bert_stage2_jawiki_loss_checks"}
     after = _bucket(s3_run["server"])
@@ -103,7 +103,7 @@ def test_incomplete_upstream_is_refused_with_a_clear_error(s3_run):
     server = s3_run["server"]
     server.client().delete_object(Bucket=BUCKET, Key="runs/e2e/jawiki_tokens/_manifest.json")
     env = _machine(s3_run["tmp"] / "third-box", server)
-    output = _run(["asset", "materialize", "-m", "tinyplm_assets", "--select", "bert_stage2_jawiki",
+    output = _run(["asset", "materialize", "-m", "tinyplm_assets.definitions", "--select", "bert_stage2_jawiki",
                    "-c", "configs/demo.yaml", "-c", str(FAST)], env, ok=False)
     assert f"s3://{BUCKET}/runs/e2e/jawiki_tokens has no _manifest.json" in output
     s3_run.setdefault("outputs", []).append(output)

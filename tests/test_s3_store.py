@@ -9,10 +9,11 @@ import boto3
 import pytest
 from botocore.config import Config
 
-from s3_server import ACCESS_KEY, SECRET_KEY, MotoServer, free_port
 from tinyplm_lib.errors import StorageError
-from tinyplm_lib.s3_store import S3ArtifactStore
-from tinyplm_lib.storage import MANIFEST_NAME
+from tinyplm_lib.layout import MANIFEST_FILE
+from tinyplm_lib.store.s3 import S3ArtifactStore
+
+from s3_server import ACCESS_KEY, SECRET_KEY, MotoServer, free_port
 
 BUCKET = "tinyplm-store-test"
 
@@ -75,7 +76,7 @@ def test_roundtrip_through_the_bucket_into_an_empty_cache(server, store_factory)
     files = {"a.txt": "日本語のテキスト\n".encode(), "sub/b.bin": bytes(range(256)) * 4000}
     writer.publish("thing", _staged(writer, files))
     objects = _objects(server, writer.object_key("thing"))
-    assert set(objects) == {writer.object_key("thing", n) for n in [*files, MANIFEST_NAME]}
+    assert set(objects) == {writer.object_key("thing", n) for n in [*files, MANIFEST_FILE]}
     reader = store_factory("reader", CountingClient(server.client()))
     loaded = reader.load("thing")
     assert {p: (loaded.path / p).read_bytes() for p in files} == files
@@ -98,7 +99,7 @@ def test_republish_leaves_only_the_new_version(server, store_factory):
     store.publish("thing", _staged(store, {"old.txt": b"1", "both.txt": b"1"}))
     store.publish("thing", _staged(store, {"new.txt": b"2", "both.txt": b"2"}))
     keys = {k.rsplit("/", 1)[1] for k in _objects(server, store.object_key("thing"))}
-    assert keys == {"new.txt", "both.txt", MANIFEST_NAME}
+    assert keys == {"new.txt", "both.txt", MANIFEST_FILE}
     fresh = store_factory("fresh").load("thing").path
     assert (fresh / "both.txt").read_bytes() == b"2" and not (fresh / "old.txt").exists()
 
@@ -109,7 +110,7 @@ def test_interrupted_upload_leaves_no_manifest_and_loads_refuse(server, store_fa
     broken = store_factory(client=CountingClient(store.client, fail_upload_at=2))
     with pytest.raises(ConnectionResetError):
         broken.publish("thing", _staged(broken, {"a.txt": b"v2", "b.txt": b"v2"}))
-    assert store.object_key("thing", MANIFEST_NAME) not in _objects(server, store.object_key("thing"))
+    assert store.object_key("thing", MANIFEST_FILE) not in _objects(server, store.object_key("thing"))
     assert not store.exists("thing")
     with pytest.raises(StorageError, match="never completely written") as err:
         store_factory("other").load("thing")
@@ -164,7 +165,7 @@ def test_bucket_holds_raw_files_and_json_manifests_only(server, store_factory):
     store = store_factory()
     store.publish("thing", _staged(store, {"a.txt": b"text", "w.safetensors": b"\x08\x00" * 10}))
     objects = _objects(server, store.object_key("thing"))
-    manifest = json.loads(objects[store.object_key("thing", MANIFEST_NAME)])
+    manifest = json.loads(objects[store.object_key("thing", MANIFEST_FILE)])
     listed = {store.object_key("thing", f["path"]) for f in manifest["files"]}
-    assert set(objects) == listed | {store.object_key("thing", MANIFEST_NAME)}
+    assert set(objects) == listed | {store.object_key("thing", MANIFEST_FILE)}
     assert not any(data.startswith(b"\x80") for data in objects.values()), "pickle protocol header"

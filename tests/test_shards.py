@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tinyplm_lib.encoding import FastEncoder
 from tinyplm_lib.errors import ConfigError, InputError, StorageError
-from tinyplm_lib import shards as shards_module
-from tinyplm_lib.shards import TokenShards, encode_corpus
-from tinyplm_lib.tokenizer import TokenizerSettings, train_tokenizer
+from tinyplm_lib.tokens import shards as shards_module
+from tinyplm_lib.tokens.encoding import FastEncoder
+from tinyplm_lib.tokens.shards import TokenShards, encode_corpus
+from tinyplm_lib.tokens.tokenizer import TokenizerSettings, train_tokenizer
 
 
 def real_lines(web_path: Path, wiki_path: Path, web_count: int, wiki_count: int) -> list[str]:

@@ -1,4 +1,4 @@
-"""Tests for tinyplm_lib.sources: real downloads from a local HTTP server with injected faults.
+"""Tests for tinyplm_lib.downloads.sources: real downloads from a local HTTP server with injected faults.
 
 Payloads are a few MB of seeded random bytes; one test fetches the real shared cc100-format sample.
 """
@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from http_server import FileHTTPServer  # tests/ is on sys.path (pytest's default rootdir-less import mode)
-from tinyplm_lib import sources
+from tinyplm_lib.downloads import sources
+from tinyplm_lib.downloads.sources import DownloadError, DownloadResult, download, filename_from_url
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.sources import DownloadError, DownloadResult, download, filename_from_url
+
+from http_server import FileHTTPServer  # tests/ is on sys.path (pytest's default rootdir-less import mode)
 
 WEB_SAMPLE_SHA256 = "103d5c9e8f5411779cbbf6758683fb4f0b17a31b29808cd88b41599b8fba322c"  # SOURCES.md
 SIZE = 3 * 1024 * 1024 + 12345  # a few MB, not a multiple of the chunk size

@@ -1,4 +1,4 @@
-"""Tests for s3:// sources in tinyplm_lib.sources, against a real `moto_server` (tests/s3_server.py).
+"""Tests for s3:// sources in tinyplm_lib.downloads.sources, against a real `moto_server` (tests/s3_server.py).
 
 Dropped connections come from a small TCP proxy in front of moto that cuts one response mid-body,
 so botocore raises whatever it really raises for a broken stream. Server-side errors that moto
@@ -22,10 +22,11 @@ from typing import Any
 
 import pytest
 
-from s3_server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer  # tests/ is on sys.path
-from tinyplm_lib import sources
+from tinyplm_lib.downloads import sources
+from tinyplm_lib.downloads.sources import DownloadError, DownloadResult, download
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.sources import DownloadError, DownloadResult, download
+
+from s3_server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer  # tests/ is on sys.path
 
 SIZE = 3 * 1024 * 1024 + 12345  # a few MB, not a multiple of the chunk size
 FAST = {"progress": False, "backoff": 0.0, "chunk_size": 256 * 1024}

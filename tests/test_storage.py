@@ -7,7 +7,9 @@ import json
 import pytest
 
 from tinyplm_lib.errors import StorageError
-from tinyplm_lib.storage import MANIFEST_NAME, LocalArtifactStore, artifact_key, sha256_file
+from tinyplm_lib.files import sha256_file
+from tinyplm_lib.layout import MANIFEST_FILE
+from tinyplm_lib.store.artifacts import LocalArtifactStore, artifact_key
 
 
 def _staged(store: LocalArtifactStore, files: dict[str, bytes]):
@@ -31,7 +33,7 @@ def test_publish_writes_manifest_and_load_verifies(tmp_path):
     staging = _staged(store, {"a.txt": b"hello", "sub/b.bin": b"\x00" * 1000})
     stored = store.publish("thing", staging)
     assert not staging.exists(), "staging inside the store is moved, not copied"
-    manifest = json.loads((stored.path / MANIFEST_NAME).read_text())
+    manifest = json.loads((stored.path / MANIFEST_FILE).read_text())
     assert [f["path"] for f in manifest["files"]] == ["a.txt", "sub/b.bin"]
     assert manifest["files"][0]["sha256"] == sha256_file(stored.path / "a.txt")
     assert stored.num_bytes == 1005
@@ -43,7 +45,7 @@ def test_republish_replaces_old_version_whole(tmp_path):
     store.publish("thing", _staged(store, {"old.txt": b"1"}))
     store.publish("thing", _staged(store, {"new.txt": b"2"}))
     loaded = store.load("thing").path
-    assert sorted(p.name for p in loaded.iterdir()) == [MANIFEST_NAME, "new.txt"]
+    assert sorted(p.name for p in loaded.iterdir()) == [MANIFEST_FILE, "new.txt"]
 
 
 def test_external_source_is_copied_not_moved(tmp_path):
@@ -96,7 +98,7 @@ def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
     (tmp_path / ".trash" / "old").mkdir(parents=True)
     # Another live process holds a staging dir: its lock says so.
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from tinyplm_lib.storage import LocalArtifactStore; "
+        "import sys, time; from pathlib import Path; from tinyplm_lib.store.artifacts import LocalArtifactStore; "
         "print(LocalArtifactStore(Path(sys.argv[1])).staging_dir('other'), flush=True); time.sleep(60)"),
         str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -115,7 +117,7 @@ def test_leftovers_of_dead_runs_are_removed_and_live_ones_kept(tmp_path):
 
 
 def test_publish_swaps_in_the_new_version_and_releases_its_staging_dir(tmp_path):
-    from tinyplm_lib import scratch
+    from tinyplm_lib.store import scratch
 
     store = LocalArtifactStore(tmp_path)
     store.publish("thing", _staged(store, {"v.txt": b"1"}))

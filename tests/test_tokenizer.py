@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tinyplm_lib.encoding import FastEncoder
-from tinyplm_lib import tokenizer as tokenizer_module
 from tinyplm_lib.errors import ConfigError, InputError
-from tinyplm_lib.tokenizer import (
+from tinyplm_lib.tokens import tokenizer as tokenizer_module
+from tinyplm_lib.tokens.encoding import FastEncoder
+from tinyplm_lib.tokens.tokenizer import (
     SPECIAL_TOKENS,
     TokenizerSettings,
     load_tokenizer,

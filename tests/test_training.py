@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import DEMO_DIR, REPO_ROOT
+from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.jawiki import JawikiSettings, build_jawiki_corpus
-from tinyplm_lib.shards import encode_corpus
-from tinyplm_lib.tokenizer import TokenizerSettings, train_tokenizer
-from tinyplm_lib.training import StageOptions, load_training_arguments, train_stage
+from tinyplm_lib.tokens.shards import encode_corpus
+from tinyplm_lib.tokens.tokenizer import TokenizerSettings, train_tokenizer
+from tinyplm_lib.training.stage import StageOptions, load_training_arguments, train_stage
+
+from conftest import DEMO_DIR, REPO_ROOT
 
 MODEL = REPO_ROOT / "configs" / "model" / "bert-demo.json"
 ARGS = REPO_ROOT / "configs" / "train" / "demo-stage1.json"
@@ -128,8 +129,8 @@ def test_packed_matrix_matches_naive_concatenation(data):
     """The vectorised packing gives [CLS] s1 [SEP] s2 [SEP] … exactly, sentence by sentence."""
     import numpy as np
 
-    from tinyplm_lib.packing import PackedSequences
-    from tinyplm_lib.shards import TokenShards
+    from tinyplm_lib.tokens.shards import TokenShards
+    from tinyplm_lib.training.packing import PackedSequences
 
     for max_len in (16, 64):  # 16 forces over-long sentences to be cut
         packed = PackedSequences(data / "shards" / "train", max_len, cls_id=2, sep_id=3, pad_id=0)
@@ -149,7 +150,7 @@ def test_masked_only_projection_gives_the_full_head_loss():
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    from tinyplm_lib.training import masked_predictions
+    from tinyplm_lib.training.stage import masked_predictions
 
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2,

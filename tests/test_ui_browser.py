@@ -1,6 +1,6 @@
 """The `dagster dev` UI end to end: launch the demo job over GraphQL, then look at the asset graph.
 
-Starts `dagster dev -m tinyplm_assets` on a free loopback port with a temporary DAGSTER_HOME and
+Starts `dagster dev -m tinyplm_assets.definitions` on a free loopback port with a temporary DAGSTER_HOME and
 TINYPLM_HOME, launches `pretrain_all` with configs/demo.yaml + tests/configs/fast-training.yaml
 through the `launchRun` mutation (queued, then started by the daemon, as a UI click would be),
 waits for SUCCESS, and opens the global asset lineage page in headless Chromium (Debian's
@@ -94,7 +94,7 @@ class DagsterDev:
         self._log = open(self.log_path, "wb")
         # Its own session: `dagster dev` stops cleanly (code server and daemon too) on a group SIGTERM.
         self.process = subprocess.Popen(
-            [DAGSTER, "dev", "-m", "tinyplm_assets", "-h", "127.0.0.1", "-p", str(self.port)],
+            [DAGSTER, "dev", "-m", "tinyplm_assets.definitions", "-h", "127.0.0.1", "-p", str(self.port)],
             cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
         )
 
@@ -199,7 +199,7 @@ def materialised_ui(tmp_path_factory):
 
 
 def _expected_assets() -> set[str]:
-    from tinyplm_assets import defs
+    from tinyplm_assets.definitions import defs
 
     return {key.to_user_string() for key in defs.resolve_all_asset_keys()}
 

@@ -1,5 +1,5 @@
-"""tinyplm_assets: the Dagster code location. `dagster dev -m tinyplm_assets` loads `defs`."""
+"""tinyplm_assets: the Dagster wiring of the pipeline; the code location is `tinyplm_assets.definitions`.
 
-from tinyplm_assets.definitions import defs
-
-__all__ = ["defs"]
+Importing this package builds nothing: `dagster dev` (pyproject's `[tool.dagster]`), `-m
+tinyplm_assets.definitions` and `workspace.yaml` load `defs` from the definitions module.
+"""

@@ -17,13 +17,13 @@ from dagster import Config
 from pydantic import Field
 
 from tinyplm_assets.resources import PROJECT_ROOT
-from tinyplm_lib.cc100 import Cc100Settings
-from tinyplm_lib.distributed import default_processes
-from tinyplm_lib.dumps import CIRRUSSEARCH_INDEX_URL
+from tinyplm_lib.corpora.cc100 import Cc100Settings
+from tinyplm_lib.corpora.jawiki import JawikiSettings
+from tinyplm_lib.downloads.dumps import CIRRUSSEARCH_INDEX_URL
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.jawiki import JawikiSettings
-from tinyplm_lib.tokenizer import TokenizerSettings
-from tinyplm_lib.training import RuntimeOptions, StageOptions
+from tinyplm_lib.tokens.tokenizer import TokenizerSettings
+from tinyplm_lib.training.distributed import default_processes
+from tinyplm_lib.training.stage import RuntimeOptions, StageOptions
 
 _CC100 = Cc100Settings()
 _JAWIKI = JawikiSettings()
@@ -150,7 +150,7 @@ _RUNTIME = RuntimeOptions()
 
 
 class RuntimeConfig(Config):
-    """Speed-only settings (see `tinyplm_lib.training.RuntimeOptions`): not part of the results."""
+    """Speed-only settings (see `tinyplm_lib.training.stage.RuntimeOptions`): not part of the results."""
 
     precision: str = Field(default=_RUNTIME.precision, description="auto | bf16 | fp16 | fp32")
     tf32: bool = _RUNTIME.tf32
@@ -162,7 +162,7 @@ class RuntimeConfig(Config):
 
 
 class DistributedConfig(Config):
-    """How many training processes (`torchrun`, DDP) a stage uses; see `tinyplm_lib.distributed`."""
+    """How many training processes (`torchrun`, DDP) a stage uses; see `tinyplm_lib.training.distributed`."""
 
     processes: int = Field(default=0, description="0 = one per visible GPU when there are several, else 1; "
                                                   "above 1 the stage runs under torchrun (gloo on CPU)")

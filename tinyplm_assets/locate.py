@@ -10,7 +10,7 @@ import sys
 
 from tinyplm_assets.resources import storage_from_env
 from tinyplm_lib.errors import StorageError
-from tinyplm_lib.storage import artifact_key
+from tinyplm_lib.store.artifacts import artifact_key
 
 
 def main(argv: list[str]) -> int:

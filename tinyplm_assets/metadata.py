@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dagster import AssetKey, MetadataValue
 
-from tinyplm_lib.storage import read_manifest
+from tinyplm_lib.store.artifacts import read_manifest
 
 
 def text_sample(path: Path, lines: int = 5) -> MetadataValue:
@@ -72,8 +72,8 @@ def _code(token: str) -> str:
 def tokenisation_sample(tokenizer_dir: Path, sentences: list[str]) -> MetadataValue:
     """Each sentence through the saved tokenizer, step by step: MeCab words, WordPiece tokens,
     ids and the decoded text, as `AutoTokenizer.from_pretrained(folder)` gives them."""
-    from tinyplm_lib.encoding import MecabSegmenter
-    from tinyplm_lib.tokenizer import load_tokenizer
+    from tinyplm_lib.tokens.encoding import MecabSegmenter
+    from tinyplm_lib.tokens.tokenizer import load_tokenizer
 
     tokenizer, segmenter = load_tokenizer(tokenizer_dir), MecabSegmenter()
     parts = []

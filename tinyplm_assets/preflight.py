@@ -27,9 +27,9 @@ from tinyplm_assets.config import (
     TrainingStageConfig,
 )
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.stage_checks import check_stage_settings, check_vocab_setting
-from tinyplm_lib.tokenizer import TokenizerSettings
-from tinyplm_lib.training_args import load_training_arguments
+from tinyplm_lib.tokens.tokenizer import TokenizerSettings
+from tinyplm_lib.training.arguments import load_training_arguments
+from tinyplm_lib.training.stage_checks import check_stage_settings, check_vocab_setting
 
 # The op that computes each asset: the corpus multi-assets write two assets from one op.
 OP_OF_ASSET = {"cc100_ja_train": "cc100_ja_corpus", "cc100_ja_validation": "cc100_ja_corpus",

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-
 from typing import Optional
 
 from dagster import (
@@ -29,7 +28,7 @@ from pydantic import Field
 
 from tinyplm_assets.metadata import manifest_digest
 from tinyplm_lib.errors import StorageError
-from tinyplm_lib.storage import ArtifactStore, LocalArtifactStore, StoredArtifact, artifact_key
+from tinyplm_lib.store.artifacts import ArtifactStore, LocalArtifactStore, StoredArtifact, artifact_key
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,7 +70,7 @@ class ArtifactStorage(ConfigurableResource):
         root = self._root()
         if not self.s3_bucket:
             return LocalArtifactStore(root, verify_hashes=self.verify_hashes)
-        from tinyplm_lib.s3_store import S3ArtifactStore
+        from tinyplm_lib.store.s3 import S3ArtifactStore
 
         return S3ArtifactStore(root, self.s3_client(), self.s3_bucket, self.s3_prefix,
                                verify_hashes=self.verify_hashes)

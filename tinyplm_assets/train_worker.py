@@ -16,8 +16,8 @@ from pathlib import Path
 
 from dagster_pipes import open_dagster_pipes
 
-from tinyplm_lib import distributed
-from tinyplm_lib.training import RuntimeOptions, StageOptions, train_stage
+from tinyplm_lib.training import distributed
+from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, train_stage
 
 
 def stage_spec(train_dir: Path, validation_dir: Path, tokenizer_dir: Path, out_dir: Path,
@@ -47,7 +47,7 @@ def _train(spec: dict, world: distributed.World, log) -> dict:
     if spec["storage"] is not None:
         # Imported here: the resource module pulls in dagster, which the ranks need only for this.
         from tinyplm_assets.resources import ArtifactStorage
-        from tinyplm_lib.checkpoints import StoreCheckpointSink
+        from tinyplm_lib.training.checkpoints import StoreCheckpointSink
 
         checkpoints = StoreCheckpointSink(ArtifactStorage(**spec["storage"]).store(), spec["checkpoint_prefix"])
     return train_stage(Path(spec["train_dir"]), Path(spec["validation_dir"]), Path(spec["tokenizer_dir"]),

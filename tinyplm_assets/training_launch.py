@@ -19,10 +19,10 @@ from dagster import AssetExecutionContext, PipesSubprocessClient
 from tinyplm_assets.config import TrainingStageConfig
 from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_assets.train_worker import stage_spec
-from tinyplm_lib.checkpoints import StoreCheckpointSink
-from tinyplm_lib.distributed import loopback_env, torchrun_command
-from tinyplm_lib.storage import artifact_key
-from tinyplm_lib.training import StageOptions, train_stage
+from tinyplm_lib.store.artifacts import artifact_key
+from tinyplm_lib.training.checkpoints import StoreCheckpointSink
+from tinyplm_lib.training.distributed import loopback_env, torchrun_command
+from tinyplm_lib.training.stage import StageOptions, train_stage
 
 
 def run_stage(context: AssetExecutionContext, config: TrainingStageConfig, storage: ArtifactStorage,

@@ -66,7 +66,7 @@ def _lines(path: Path) -> Iterator[bytes]:
 
 
 def _digest(line: bytes) -> bytes:
-    # The same 64-bit blake2b as tinyplm_lib.corpus.sentence_hash (which deduplicates JaWiki):
+    # The same 64-bit blake2b as tinyplm_lib.corpora.corpus.sentence_hash (which deduplicates JaWiki):
     # with ~1e6 validation and ~1e8 train lines, a false match has odds of about 1 in 200,000.
     return hashlib.blake2b(line, digest_size=8).digest()
 
@@ -130,7 +130,7 @@ def unknown_token_rate(tokenizer_dir: Path, sentences: Iterable[str], top: int =
     Ids come from `FastEncoder` (equal to `BertJapaneseTokenizer`'s); only sentences holding an
     `[UNK]` are segmented again to name the culprit words.
     """
-    from tinyplm_lib.encoding import FastEncoder
+    from tinyplm_lib.tokens.encoding import FastEncoder
 
     encoder = FastEncoder.from_dir(Path(tokenizer_dir))
     unk_id = encoder.unk_id

@@ -15,8 +15,8 @@ from dagster import AssetExecutionContext, AssetOut, Output, multi_asset
 from tinyplm_assets.config import Cc100CorpusConfig, JawikiCorpusConfig, worker_count
 from tinyplm_assets.metadata import flat_counts, skipped_records, text_sample
 from tinyplm_assets.resources import ArtifactStorage
-from tinyplm_lib.cc100 import build_cc100_corpus
-from tinyplm_lib.jawiki import build_jawiki_corpus
+from tinyplm_lib.corpora.cc100 import build_cc100_corpus
+from tinyplm_lib.corpora.jawiki import build_jawiki_corpus
 
 SENTENCES = "sentences.txt"
 

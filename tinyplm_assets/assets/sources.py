@@ -11,8 +11,8 @@ from dagster import AssetExecutionContext, Output, asset
 
 from tinyplm_assets.config import DownloadConfig, JawikiDownloadConfig, resolve_url
 from tinyplm_assets.resources import ArtifactStorage
-from tinyplm_lib.dumps import dump_date_from_url, resolve_cirrussearch_dump
-from tinyplm_lib.sources import download, filename_from_url
+from tinyplm_lib.downloads.dumps import dump_date_from_url, resolve_cirrussearch_dump
+from tinyplm_lib.downloads.sources import download, filename_from_url
 
 
 def _pinned_source(config: DownloadConfig) -> tuple[str, dict]:

@@ -14,7 +14,7 @@ from tinyplm_assets.config import TokenizerConfig, TokenizerSampleConfig, worker
 from tinyplm_assets.metadata import flat_counts, made_from, text_sample, tokenisation_sample
 from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_lib.quality import read_sentences
-from tinyplm_lib.tokenizer import sample_sentences, train_tokenizer
+from tinyplm_lib.tokens.tokenizer import sample_sentences, train_tokenizer
 
 SAMPLE = "sample.txt"
 

@@ -1,7 +1,7 @@
 """Token datasets: each corpus split encoded once into uint16 token shards read by memory map.
 
 `cc100_ja_tokens` / `jawiki_tokens` hold `train/` and `validation/` shard folders (see
-`tinyplm_lib.shards`), so training never tokenises text. Deterministic and safe to re-run.
+`tinyplm_lib.tokens.shards`), so training never tokenises text. Deterministic and safe to re-run.
 """
 
 
@@ -12,8 +12,8 @@ from dagster import AssetExecutionContext, AssetIn, MetadataValue, Output, asset
 from tinyplm_assets.config import TokenShardsConfig, worker_count
 from tinyplm_assets.metadata import made_from
 from tinyplm_assets.resources import ArtifactStorage
-from tinyplm_lib.shards import TokenShards, encode_corpus
-from tinyplm_lib.tokenizer import load_tokenizer
+from tinyplm_lib.tokens.shards import TokenShards, encode_corpus
+from tinyplm_lib.tokens.tokenizer import load_tokenizer
 
 
 def decoded_sample(shard_dir: Path, tokenizer_dir: Path, sentences: int = 3) -> MetadataValue:

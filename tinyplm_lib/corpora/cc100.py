@@ -21,8 +21,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinyplm_lib.cleaning import has_control_chars, normalize_line
-from tinyplm_lib.corpus import (
+from tinyplm_lib.corpora.cleaning import has_control_chars, normalize_line
+from tinyplm_lib.corpora.corpus import (
     AtomicTextWriter,
     BadRecords,
     CorpusStats,
@@ -31,8 +31,8 @@ from tinyplm_lib.corpus import (
     in_validation,
     over_size,
 )
-from tinyplm_lib.encoding import WorkerPool
 from tinyplm_lib.errors import ConfigError, InputError
+from tinyplm_lib.parallel import WorkerPool
 
 # Raw bytes per pool task: ~3,000 lines, ~10 ms of NFKC, so a task's pickling is a small share.
 BLOCK_BYTES = 1 << 20

@@ -20,16 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyplm_lib.corpus import LineReader, decode_lines
-from tinyplm_lib.encoding import (
-    CONFIG_FILE,
-    VOCAB_FILE,
-    WORDPIECE_FILE,
-    WorkerPool,
-    worker_encoder,
-)
+from tinyplm_lib.corpora.corpus import LineReader, decode_lines
 from tinyplm_lib.errors import ConfigError, InputError, StorageError
-from tinyplm_lib.storage import sha256_file
+from tinyplm_lib.files import sha256_file
+from tinyplm_lib.parallel import WorkerPool
+from tinyplm_lib.tokens.encoding import CONFIG_FILE, VOCAB_FILE, WORDPIECE_FILE, worker_encoder
 
 FORMAT_VERSION = 1
 META_FILE = "meta.json"

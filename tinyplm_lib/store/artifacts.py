@@ -10,7 +10,6 @@ run are removed by the next one, never reused or appended to.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -20,22 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tinyplm_lib.errors import StorageError
-from tinyplm_lib.scratch import claim_scratch_dir, exchange_paths, release_scratch_dir, sweep_scratch
+from tinyplm_lib.files import atomic_write_json, sha256_file
+from tinyplm_lib.layout import MANIFEST_FILE
+from tinyplm_lib.store.scratch import claim_scratch_dir, exchange_paths, release_scratch_dir, sweep_scratch
 
-MANIFEST_NAME = "_manifest.json"
 MANIFEST_FORMAT = 1
-_HASH_CHUNK = 1 << 20
 # Scratch folders under a store's root; their entries are never artifacts.
 SCRATCH_DIRS = (".staging", ".incoming", ".trash")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (memory stays flat for multi-GB files)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def artifact_key(key_parts: Sequence[str], partition: str | None = None) -> str:
@@ -58,7 +48,7 @@ def build_manifest(directory: Path) -> dict:
     files = []
     for path in sorted(p for p in directory.rglob("*") if p.is_file() or p.is_symlink()):
         rel = path.relative_to(directory).as_posix()
-        if rel == MANIFEST_NAME:
+        if rel == MANIFEST_FILE:
             continue
         if path.is_symlink():
             raise StorageError(f"{path}: symbolic links cannot be stored as artifacts")
@@ -67,17 +57,14 @@ def build_manifest(directory: Path) -> dict:
 
 
 def write_manifest(directory: Path, manifest: dict) -> None:
-    tmp = directory / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-    _fsync_file(tmp)
-    os.replace(tmp, directory / MANIFEST_NAME)
+    atomic_write_json(directory / MANIFEST_FILE, manifest, sort_keys=True)
 
 
 def read_manifest(directory: Path) -> dict:
-    path = directory / MANIFEST_NAME
+    path = directory / MANIFEST_FILE
     if not path.is_file():
         raise StorageError(
-            f"{directory}: no {MANIFEST_NAME}; the artifact was never completely written "
+            f"{directory}: no {MANIFEST_FILE}; the artifact was never completely written "
             "(re-materialise the asset that produces it)"
         )
     try:
@@ -253,7 +240,7 @@ class ArtifactStore:
         base = self.path_for(prefix) if prefix else self.root
         if not base.is_dir():
             return []
-        keys = (m.parent.relative_to(self.root).as_posix() for m in base.rglob(MANIFEST_NAME))
+        keys = (m.parent.relative_to(self.root).as_posix() for m in base.rglob(MANIFEST_FILE))
         # Staging, incoming and trash directories start with a dot: never artifacts.
         return sorted(k for k in keys if not any(part.startswith(".") for part in k.split("/")))
 
@@ -272,7 +259,7 @@ class LocalArtifactStore(ArtifactStore):
         return StoredArtifact(path, manifest)
 
     def exists(self, key: str) -> bool:
-        return (self.path_for(key) / MANIFEST_NAME).is_file()
+        return (self.path_for(key) / MANIFEST_FILE).is_file()
 
     def keys(self, prefix: str) -> list[str]:
         return self._local_keys(prefix)
@@ -291,7 +278,3 @@ def _move_or_copy(source: Path, dest: Path, root: Path, move: bool = False) -> N
     else:
         shutil.copy2(source, dest)
 
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())

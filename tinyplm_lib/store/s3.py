@@ -19,15 +19,10 @@ from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from tinyplm_lib.errors import StorageError
-from tinyplm_lib.storage import (
-    MANIFEST_FORMAT,
-    MANIFEST_NAME,
-    ArtifactStore,
-    StoredArtifact,
-    sha256_file,
-    write_manifest,
-)
-from tinyplm_lib.scratch import release_scratch_dir
+from tinyplm_lib.files import sha256_file
+from tinyplm_lib.layout import MANIFEST_FILE
+from tinyplm_lib.store.artifacts import MANIFEST_FORMAT, ArtifactStore, StoredArtifact, write_manifest
+from tinyplm_lib.store.scratch import release_scratch_dir
 
 # Multipart above 64 MiB, in 64 MiB parts, 4 parts in flight: a 15 GB raw dump is ~230 parts.
 TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
@@ -55,13 +50,13 @@ class S3ArtifactStore(ArtifactStore):
     # -- write ---------------------------------------------------------------------------------
     def _commit(self, key: str, incoming: Path, manifest: dict) -> None:
         old = self._remote_manifest(key)
-        manifest_key = self.object_key(key, MANIFEST_NAME)
+        manifest_key = self.object_key(key, MANIFEST_FILE)
         with self._errors("replace", key):
             self.client.delete_object(Bucket=self.bucket, Key=manifest_key)
             for entry in manifest["files"]:
                 self.client.upload_file(str(incoming / entry["path"]), self.bucket,
                                         self.object_key(key, entry["path"]), Config=self.transfer)
-            body = (incoming / MANIFEST_NAME).read_bytes()
+            body = (incoming / MANIFEST_FILE).read_bytes()
             self.client.put_object(Bucket=self.bucket, Key=manifest_key, Body=body,
                                    ContentType="application/json")
             if old is not None:
@@ -75,7 +70,7 @@ class S3ArtifactStore(ArtifactStore):
         manifest = self._remote_manifest(key)
         if manifest is None:
             raise StorageError(
-                f"{self.describe(key)} has no {MANIFEST_NAME}: the artifact was never completely "
+                f"{self.describe(key)} has no {MANIFEST_FILE}: the artifact was never completely "
                 "written (an interrupted upload, or never materialised); re-materialise it"
             )
         cached = self.path_for(key)
@@ -112,14 +107,14 @@ class S3ArtifactStore(ArtifactStore):
         with self._errors("list", prefix):
             for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=base):
                 for obj in page.get("Contents", []):
-                    if obj["Key"].endswith("/" + MANIFEST_NAME):
-                        found.append(f"{prefix}/{obj['Key'][len(base):-len(MANIFEST_NAME) - 1]}")
+                    if obj["Key"].endswith("/" + MANIFEST_FILE):
+                        found.append(f"{prefix}/{obj['Key'][len(base):-len(MANIFEST_FILE) - 1]}")
         return sorted(found)
 
     def delete(self, key: str) -> None:
         manifest = self._remote_manifest(key)
         with self._errors("delete", key):
-            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key, MANIFEST_NAME))
+            self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key, MANIFEST_FILE))
             for entry in (manifest or {"files": []})["files"]:
                 self.client.delete_object(Bucket=self.bucket, Key=self.object_key(key, entry["path"]))
         super().delete(key)
@@ -128,20 +123,20 @@ class S3ArtifactStore(ArtifactStore):
     def _remote_manifest(self, key: str) -> dict | None:
         try:
             with self._errors("read manifest of", key, missing_ok=True):
-                body = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key, MANIFEST_NAME))["Body"].read()
+                body = self.client.get_object(Bucket=self.bucket, Key=self.object_key(key, MANIFEST_FILE))["Body"].read()
         except _Missing:
             return None
         try:
             manifest = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise StorageError(f"{self.describe(key)}/{MANIFEST_NAME}: unreadable manifest ({exc})") from exc
+            raise StorageError(f"{self.describe(key)}/{MANIFEST_FILE}: unreadable manifest ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT or not isinstance(
                 manifest.get("files"), list):
-            raise StorageError(f"{self.describe(key)}/{MANIFEST_NAME}: unknown manifest format")
+            raise StorageError(f"{self.describe(key)}/{MANIFEST_FILE}: unknown manifest format")
         for entry in manifest["files"]:
             path = entry.get("path", "")
             if path.startswith("/") or ".." in path.split("/"):
-                raise StorageError(f"{self.describe(key)}/{MANIFEST_NAME}: unsafe path {path!r}")
+                raise StorageError(f"{self.describe(key)}/{MANIFEST_FILE}: unsafe path {path!r}")
         return manifest
 
     def _errors(self, action: str, key: str, missing_ok: bool = False):

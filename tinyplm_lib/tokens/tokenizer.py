@@ -21,19 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from tinyplm_lib.encoding import (
+from tinyplm_lib.errors import ConfigError, InputError
+from tinyplm_lib.files import sha256_file
+from tinyplm_lib.parallel import WorkerPool, map_in_order, resolve_workers
+from tinyplm_lib.tokens.encoding import (
     CONFIG_FILE,
     MISSING_HINT,
     UNK_TOKEN,
     VOCAB_FILE,
     WORDPIECE_FILE,
-    WorkerPool,
-    map_in_order,
-    resolve_workers,
     worker_segmenter,
 )
-from tinyplm_lib.errors import ConfigError, InputError
-from tinyplm_lib.storage import sha256_file
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 INFO_FILE = "tinyplm_tokenizer.json"

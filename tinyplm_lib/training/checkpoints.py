@@ -24,8 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tinyplm_lib.errors import ConfigError, StorageError
-from tinyplm_lib.storage import (
-    MANIFEST_NAME,
+from tinyplm_lib.layout import MANIFEST_FILE
+from tinyplm_lib.store.artifacts import (
     ArtifactStore,
     LocalArtifactStore,
     build_manifest,
@@ -98,8 +98,8 @@ class StoreCheckpointSink:
 
     def save(self, step: int, directory: Path) -> None:
         directory = Path(directory)
-        if not (directory / MANIFEST_NAME).is_file():
-            raise StorageError(f"{directory}: no {MANIFEST_NAME}; write_checkpoint() did not finish")
+        if not (directory / MANIFEST_FILE).is_file():
+            raise StorageError(f"{directory}: no {MANIFEST_FILE}; write_checkpoint() did not finish")
         self.store.publish(self._key(f"step-{step:08d}"), directory, move=True)
         steps = self.steps()
         for old in sorted(steps)[: -self.keep]:
@@ -149,7 +149,7 @@ def read_checkpoint(directory: Path) -> dict:
     listed = {entry["path"] for entry in manifest["files"]}
     for name in REQUIRED_FILES:
         if name not in listed:
-            raise StorageError(f"{directory / name}: not in the checkpoint's {MANIFEST_NAME}")
+            raise StorageError(f"{directory / name}: not in the checkpoint's {MANIFEST_FILE}")
     verify_manifest(directory, manifest)
     state = _read_json(directory / STATE_FILE)
     if state.get("format_version") != FORMAT_VERSION:

@@ -29,15 +29,21 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForMaskedLM, TrainingArguments, get_scheduler
 
-from tinyplm_lib.checkpoints import (FORMAT_VERSION, CheckpointSink, find_resumable, restore_checkpoint,
-                                     save_to_sink, settings_fingerprint)
-from tinyplm_lib.curves import loss_curve_png, write_tensorboard
-from tinyplm_lib.distributed import World, pick_device, single
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.packing import IGNORE_INDEX, MaskingSpec, MicroBatches, PackedSequences, mask_tokens
-from tinyplm_lib.stage_checks import check_stage_inputs
-from tinyplm_lib.storage import sha256_file
-from tinyplm_lib.training_args import load_training_arguments
+from tinyplm_lib.files import sha256_file
+from tinyplm_lib.training.arguments import load_training_arguments
+from tinyplm_lib.training.checkpoints import (
+    FORMAT_VERSION,
+    CheckpointSink,
+    find_resumable,
+    restore_checkpoint,
+    save_to_sink,
+    settings_fingerprint,
+)
+from tinyplm_lib.training.curves import loss_curve_png, write_tensorboard
+from tinyplm_lib.training.distributed import World, single
+from tinyplm_lib.training.packing import IGNORE_INDEX, MaskingSpec, MicroBatches, PackedSequences, mask_tokens
+from tinyplm_lib.training.stage_checks import check_stage_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +218,7 @@ def train_stage(
     checkpoint (tests raise from it to simulate a crash).
 
     Under torchrun pass `world=distributed.from_env()`: every process trains on its slice of each
-    global micro-batch (see `tinyplm_lib.distributed`), rank 0 alone evaluates, saves checkpoints
+    global micro-batch (see `tinyplm_lib.training.distributed`), rank 0 alone evaluates, saves checkpoints
     and writes `out_dir`, and only rank 0 returns the metrics (the others return {}).
     """
     out_dir = Path(out_dir)

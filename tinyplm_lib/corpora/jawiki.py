@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tinyplm_lib.cleaning import clean_wiki_text, has_control_chars, split_sentences
-from tinyplm_lib.corpus import (
+from tinyplm_lib.corpora.cleaning import clean_wiki_text, has_control_chars, split_sentences
+from tinyplm_lib.corpora.corpus import (
     AtomicTextWriter,
     BadRecords,
     CorpusStats,
@@ -39,8 +39,8 @@ from tinyplm_lib.corpus import (
     over_size,
     sentence_hash,
 )
-from tinyplm_lib.encoding import WorkerPool
 from tinyplm_lib.errors import ConfigError, InputError
+from tinyplm_lib.parallel import WorkerPool
 
 _TRAIN, _VALIDATION = b"T", b"V"  # split tag of each candidate, in the tags work file
 # Raw bytes per pool task: ~50 articles, ~40 ms of cleaning and splitting.

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.shards import TokenShards
+from tinyplm_lib.tokens.shards import TokenShards
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 
