@@ -1,4 +1,7 @@
-"""Errors that tell the user what to fix: which file, which line, which setting."""
+"""Errors that tell the user what to fix: which file, which line, which setting.
+
+Every error tinyplm raises on purpose is a TinyPLMError; workers send them back to the parent intact.
+"""
 
 from __future__ import annotations
 

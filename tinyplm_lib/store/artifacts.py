@@ -1,10 +1,8 @@
-"""Artifact storage: every asset value is a directory of files published atomically with a manifest.
+"""The artifact store contract and its local implementation: directories published atomically.
 
-The manifest (`_manifest.json`: relative path, size and sha256 of every file) is written last; a
-directory without one is not an artifact. Loading verifies the manifest before returning a path,
-so a half-written or corrupted artifact is refused rather than trained on. Nothing is pickled.
-Scratch directories (`.staging/`, `.incoming/`) are locked by their live owner; those of a dead
-run are removed by the next one, never reused or appended to.
+The manifest (`_manifest.json`: path, size and sha256 of every file) is written last; a directory
+without one is not an artifact, and loading verifies it, so a torn or altered artifact is refused.
+Scratch dirs (`.staging/`, `.incoming/`) of dead runs are removed by the next, never reused.
 """
 
 from __future__ import annotations

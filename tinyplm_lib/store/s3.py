@@ -1,10 +1,8 @@
 """Artifacts in an S3 bucket (AWS, MinIO, any S3-compatible endpoint), with a verified local cache.
 
-Write protocol: the old manifest is deleted first (the artifact stops existing), every file is
-uploaded with boto3's managed (multipart) transfer, the manifest is written last, then files only
-the old version had are removed. An artifact without a manifest does not exist. Reads download
-only files missing from the local cache or differing from the manifest, verify every size and
-sha256, and install the copy atomically. Objects are raw files and JSON: nothing is unpickled.
+Publishing deletes the old manifest first, uploads every file, writes the manifest last, then drops
+files only the old version had: no manifest, no artifact. Reads fetch only missing or differing
+files, verify sizes and sha256, and install atomically. Objects are raw files and JSON, never pickles.
 """
 
 from __future__ import annotations

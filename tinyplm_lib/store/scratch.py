@@ -1,9 +1,8 @@
 """Scratch directories that know whether their writer is alive, and an atomic swap of two paths.
 
-`claim_scratch_dir` creates `<parent>/<name>` and holds an exclusive `flock` on `<name>.lock` for as
-long as this process lives (or until `release_scratch_dir`). The kernel drops the lock when the
-owner dies, even by SIGKILL, so `sweep_scratch` removes exactly the leftovers of dead runs and never
-a directory still being written. `exchange_paths` swaps two names in one step (Linux renameat2).
+`claim_scratch_dir` holds an exclusive `flock` on `<name>.lock` while its process lives; the kernel
+drops it when the owner dies, even by SIGKILL, so `sweep_scratch` removes exactly the leftovers of
+dead runs. `exchange_paths` swaps two names in one step (Linux renameat2).
 """
 
 from __future__ import annotations
