@@ -1,4 +1,5 @@
-"""Tests for tinyplm_lib.downloads.sources: real downloads from a local HTTP server with injected faults.
+"""Tests for tinyplm_lib.downloads over HTTP and file://: real downloads from a local HTTP server with
+injected faults, plus the checksum-file parser.
 
 Payloads are a few MB of seeded random bytes; one test fetches the real shared cc100-format sample.
 """
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tinyplm_lib.downloads import sources
-from tinyplm_lib.downloads.sources import DownloadError, DownloadResult, download, filename_from_url
+from tinyplm_lib.downloads import checksums, source
+from tinyplm_lib.downloads import http as http_source
+from tinyplm_lib.downloads.download import DownloadError, DownloadResult, download, filename_from_url, redact_url
 from tinyplm_lib.errors import ConfigError
 
 from http_server import FileHTTPServer  # tests/ is on sys.path (pytest's default rootdir-less import mode)
@@ -75,8 +77,8 @@ def test_filename_from_url_rejects_paths_without_a_safe_name(url: str) -> None:
 
 
 def test_redact_url_strips_credentials() -> None:
-    assert sources.redact_url("https://alice:s3cret@example.org:8443/a.txt") == "https://example.org:8443/a.txt"
-    assert sources.redact_url("https://example.org/a.txt") == "https://example.org/a.txt"
+    assert redact_url("https://alice:s3cret@example.org:8443/a.txt") == "https://example.org:8443/a.txt"
+    assert redact_url("https://example.org/a.txt") == "https://example.org/a.txt"
 
 
 @pytest.mark.parametrize(
@@ -252,7 +254,7 @@ def test_part_without_sidecar_is_not_trusted(server: FileHTTPServer, dest: Path,
 
 def test_503_twice_then_success(server: FileHTTPServer, dest: Path, payload: bytes, monkeypatch) -> None:
     waits: list[float] = []
-    monkeypatch.setattr(sources, "_sleep", waits.append)
+    monkeypatch.setattr(source, "_sleep", waits.append)
     server.fail_next(2, status=503)
     result = download(server.url("data.bin"), dest, max_retries=5, **{**FAST, "backoff": 0.5})
     assert [r.status for r in server.requests] == [503, 503, 200]
@@ -376,11 +378,11 @@ def test_206_of_another_version_is_refused(server: FileHTTPServer, dest: Path, p
 
 def test_changed_since_compares_validator_and_total() -> None:
     headers = {"ETag": '"b"', "Last-Modified": "Tue, 01 Jul 2025 00:00:00 GMT"}
-    assert sources._changed_since('"a"', 10, headers, 10) == 'ETag "a" -> "b"'
-    assert sources._changed_since('"b"', 10, headers, 11) == "size 10 -> 11 bytes"
-    assert sources._changed_since("Mon, 30 Jun 2025 00:00:00 GMT", None, headers, 10).startswith("Last-Modified")
-    assert sources._changed_since('"b"', 10, headers, 10) == ""
-    assert sources._changed_since('"a"', None, {}, None) == ""  # nothing to compare: the range is trusted
+    assert http_source._changed_since('"a"', 10, headers, 10) == 'ETag "a" -> "b"'
+    assert http_source._changed_since('"b"', 10, headers, 11) == "size 10 -> 11 bytes"
+    assert http_source._changed_since("Mon, 30 Jun 2025 00:00:00 GMT", None, headers, 10).startswith("Last-Modified")
+    assert http_source._changed_since('"b"', 10, headers, 10) == ""
+    assert http_source._changed_since('"a"', None, {}, None) == ""  # nothing to compare: the range is trusted
 
 
 @pytest.mark.parametrize(("text", "expected"), [
@@ -390,7 +392,7 @@ def test_changed_since_compares_validator_and_total() -> None:
     ("e" * 128 + "\n", ("sha512", "e" * 128)),  # a lone digest, as in data.bin.sha512
 ])
 def test_checksum_file_formats(text: str, expected: tuple[str, str]) -> None:
-    assert sources.parse_checksum_file(text, "data.bin", "sums.txt") == expected
+    assert checksums.parse_checksum_file(text, "data.bin", "sums.txt") == expected
 
 
 @pytest.mark.parametrize(("text", "match"), [
@@ -402,7 +404,7 @@ def test_checksum_file_formats(text: str, expected: tuple[str, str]) -> None:
 ])
 def test_bad_checksum_files_are_refused_naming_the_line(text: str, match: str) -> None:
     with pytest.raises(DownloadError, match=match):
-        sources.parse_checksum_file(text, "data.bin", "sums.txt")
+        checksums.parse_checksum_file(text, "data.bin", "sums.txt")
 
 
 def test_published_checksum_is_verified_and_fetched_every_time(tmp_path: Path, payload: bytes) -> None:

@@ -1,4 +1,4 @@
-"""Tests for s3:// sources in tinyplm_lib.downloads.sources, against a real `moto_server` (tests/s3_server.py).
+"""Tests for s3:// sources (tinyplm_lib.downloads.s3), against a real `moto_server` (tests/s3_server.py).
 
 Dropped connections come from a small TCP proxy in front of moto that cuts one response mid-body,
 so botocore raises whatever it really raises for a broken stream. Server-side errors that moto
@@ -22,8 +22,8 @@ from typing import Any
 
 import pytest
 
-from tinyplm_lib.downloads import sources
-from tinyplm_lib.downloads.sources import DownloadError, DownloadResult, download
+from tinyplm_lib.downloads import source
+from tinyplm_lib.downloads.download import DownloadError, DownloadResult, download
 from tinyplm_lib.errors import ConfigError
 
 from s3_server import ACCESS_KEY, REGION, SECRET_KEY, MotoServer  # tests/ is on sys.path
@@ -394,7 +394,7 @@ def test_missing_object_fails_at_once(
     moto: MotoServer, bucket: str, dest: Path, monkeypatch: pytest.MonkeyPatch, key: str | None, code: str,
 ) -> None:
     waits: list[float] = []
-    monkeypatch.setattr(sources, "_sleep", waits.append)
+    monkeypatch.setattr(source, "_sleep", waits.append)
     url = f"s3://{bucket}/{key}" if key else "s3://no-such-bucket-tinyplm/data.bin"
     client = moto.client()
     calls = _record(client)
@@ -419,7 +419,7 @@ def test_5xx_is_retried_with_backoff(
     moto: MotoServer, obj: str, dest: Path, payload: bytes, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     waits: list[float] = []
-    monkeypatch.setattr(sources, "_sleep", waits.append)
+    monkeypatch.setattr(source, "_sleep", waits.append)
     client = moto.client()
     calls = _record(client)
     _inject_errors(client, [(503, "SlowDown", "Please reduce your request rate."), (500, "InternalError", "oops")])
