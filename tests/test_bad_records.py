@@ -21,8 +21,8 @@ import tinyplm_lib.corpora.cc100 as cc100_module
 import tinyplm_lib.corpora.jawiki as jawiki_module
 from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
 from tinyplm_lib.corpora.cleaning import has_control_chars
-from tinyplm_lib.corpora.corpus import LineReader
 from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
+from tinyplm_lib.corpora.reader import LineReader
 from tinyplm_lib.errors import InputError
 from tinyplm_lib.parallel import WorkerPool
 

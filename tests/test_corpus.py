@@ -16,17 +16,13 @@ import pytest
 import tinyplm_lib.corpora.jawiki as jawiki_module
 from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
 from tinyplm_lib.corpora.cleaning import clean_wiki_text, split_sentences
-from tinyplm_lib.corpora.corpus import (
-    AtomicTextWriter,
-    LineReader,
-    decode_lines,
-    in_validation,
-    iter_flags,
-    mark_first_occurrences,
-    read_lines,
-)
+from tinyplm_lib.corpora.dedup import iter_flags, mark_first_occurrences
 from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
+from tinyplm_lib.corpora.reader import LineReader, decode_lines, read_lines
+from tinyplm_lib.corpora.split import in_validation
 from tinyplm_lib.errors import ConfigError, InputError
+from tinyplm_lib.files import AtomicTextWriter
+from tinyplm_lib.files import tmp_path as atomic_tmp_path
 
 CC100_LINES, CC100_VALIDATION = 20_000, 1_000
 CC100_SETTINGS = Cc100Settings(max_lines=CC100_LINES, max_validation_lines=CC100_VALIDATION)
@@ -45,7 +41,7 @@ def _outputs(tmp: Path, stem: str) -> tuple[Path, Path]:
 def _assert_nothing_written(*paths: Path) -> None:
     for path in paths:
         assert not path.exists(), path
-        assert not path.with_name(path.name + ".tmp").exists(), path
+        assert not atomic_tmp_path(path).exists(), path
 
 
 def _wiki_records(path: Path) -> list[tuple[dict, dict]]:

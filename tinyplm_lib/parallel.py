@@ -12,6 +12,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 
 from tinyplm_lib.errors import ConfigError, TinyPLMError
 
@@ -113,11 +114,18 @@ def _unwrap(result):
 def map_in_order(func: Callable, items: Iterable, *, workers: int | None,
                  pool: WorkerPool | None = None) -> Iterator:
     """`func(item)` for every item, in input order: on `pool`, else on a pool made for the call."""
+    with pool_or_own(pool, workers) as used:
+        yield from used.map_in_order(func, items)
+
+
+@contextmanager
+def pool_or_own(pool: WorkerPool | None, workers: int | None) -> Iterator[WorkerPool]:
+    """`pool` when the caller shares one, else a `WorkerPool(workers)` closed on exit."""
     if pool is not None:
-        yield from pool.map_in_order(func, items)
+        yield pool
         return
     with WorkerPool(workers) as own:
-        yield from own.map_in_order(func, items)
+        yield own
 
 
 _worker_states: dict[tuple, object] = {}

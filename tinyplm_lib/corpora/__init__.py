@@ -1,5 +1,6 @@
 """Corpora: raw files to cleaned, sentence-per-line train/validation splits.
 
-The streaming line reader, the cleaning rules, exact deduplication, and the cc100 and JaWiki
-builders, each deterministic from a seed and byte-identical for any worker count.
+`reader` (the streaming line reader), `records` (counts, bad-record policy), `cleaning`, `dedup`,
+`split`, and the builders `cc100` and `jawiki` (its worker side in `jawiki_parse`), each
+deterministic from a seed and byte-identical for any worker count.
 """

@@ -1,16 +1,8 @@
 """Build the cc100-ja corpus: the first N non-empty lines (NFKC, stripped) split by document.
 
-Split decision: documents (blank-line separated) are numbered in file order and picked for
-validation by `in_validation(seed, "doc:<index>", fraction)`. A picked document goes to validation
-only if it fits whole in the remaining `max_validation_lines` budget, else to train; so documents
-are never split, the splits never overlap, and validation stops growing once the budget is full.
-Worker processes normalise blocks of lines; this process routes them in file order, so the output
-is byte-identical for any number of workers.
-
-Bad input lines (invalid UTF-8, longer than `max_record_bytes`) are skipped and counted by reason
-in `CorpusStats.skipped`; the document they were in continues without them. Bytes are never
-replaced: a line that is not UTF-8 is not text this corpus can vouch for. Control characters are
-removed from lines that are kept (`normalize_line`), counted in `control_char_records`.
+Workers normalise blocks of lines; this process routes them in file order, so the output is
+byte-identical for any number of workers. Documents go whole to one split (`_write_documents`);
+bad lines are skipped under the bad-record policy (`build_cc100_corpus`).
 """
 
 from __future__ import annotations
@@ -18,21 +10,18 @@ from __future__ import annotations
 import re
 import time
 import unicodedata
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tinyplm_lib.corpora.cleaning import has_control_chars, normalize_line
-from tinyplm_lib.corpora.corpus import (
-    AtomicTextWriter,
-    BadRecords,
-    CorpusStats,
-    LineReader,
-    decode_block,
-    in_validation,
-    over_size,
-)
+from tinyplm_lib.corpora.reader import LineBlock, LineReader, iter_line_blocks
+from tinyplm_lib.corpora.records import BadLine, BadRecords, CorpusStats, decode_checked
+from tinyplm_lib.corpora.split import in_validation
 from tinyplm_lib.errors import ConfigError, InputError
-from tinyplm_lib.parallel import WorkerPool
+from tinyplm_lib.files import AtomicTextWriter
+from tinyplm_lib.parallel import WorkerPool, pool_or_own
 
 # Raw bytes per pool task: ~3,000 lines, ~10 ms of NFKC, so a task's pickling is a small share.
 BLOCK_BYTES = 1 << 20
@@ -100,54 +89,53 @@ class Cc100Settings:
         return min(1.0, 1.25 * self.max_validation_lines / self.max_lines)
 
 
-def _normalize_block(block: tuple[int, bytes, int, dict[int, int]]):
-    """Pool task: (first line number, the block's normalised lines with None for a bad one,
-    [(index, reason, detail)] of the bad ones, indices of the lines that held control characters).
-    """
-    first, data, max_record_bytes, long_lines = block
-    lines, invalid = decode_block(data)
-    bad = [(index, "invalid_utf8", f"invalid UTF-8 at byte {start} of the line")
-           for index, start in invalid]
-    too_long = over_size(lines, max_record_bytes) + [(n - first, size) for n, size in long_lines.items()]
-    for index, size in too_long:
+class _NormalizeTask(NamedTuple):
+    """Pool task: a block of raw lines and the limit its lines are checked against."""
+
+    block: LineBlock
+    max_record_bytes: int
+
+
+class _NormalizedBlock(NamedTuple):
+    """Pool result: a block's lines, normalised, in file order."""
+
+    first_line: int
+    lines: list[str | None]  # NFKC and stripped (`normalize_line`); None for a bad line
+    bad: dict[int, BadLine]  # the bad lines, by index in the block
+    control_lines: list[int]  # indices of the lines that held control characters
+
+
+def _normalize_block(task: _NormalizeTask) -> _NormalizedBlock:
+    """Pool task: decode a block, find its bad lines and normalise the others."""
+    lines, bad = decode_checked(task.block, task.max_record_bytes)
+    for index in bad:
         lines[index] = None
-        bad.append((index, "record_too_long",
-                    f"line of {size} bytes, over max_record_bytes ({max_record_bytes})"))
     nfkc = unicodedata.normalize
     # normalize_line without its control-character test, for the lines known to need none.
     out = [None if line is None else nfkc("NFKC", line).strip() for line in lines]
     controls: list[int] = []
-    if _may_hold_controls(data):
+    if _may_hold_controls(task.block.data):
         controls = [i for i, line in enumerate(lines) if line is not None and has_control_chars(line)]
         for i in controls:
             out[i] = normalize_line(lines[i])
-    return first, out, bad, controls
-
-
-def _blocks(reader: LineReader, max_record_bytes: int):
-    while True:
-        first = reader.lines_taken + 1
-        data, count = reader.take(1 << 30, BLOCK_BYTES)
-        if not count:
-            return
-        yield first, data, max_record_bytes, reader.pop_long_lines()
+    return _NormalizedBlock(task.block.first_line, out, bad, controls)
 
 
 def _iter_documents(raw_path: Path, settings: Cc100Settings, stats: CorpusStats,
-                    records: BadRecords, pool: WorkerPool):
+                    records: BadRecords, pool: WorkerPool) -> Iterator[list[str]]:
     """Yield documents as lists of normalised lines; at most one document is held at a time."""
     document: list[str] = []
     max_lines, max_bytes = settings.max_lines, settings.max_record_bytes
     # Lines over the limit are cut by the reader too, so one without a newline is never held whole.
     with LineReader(raw_path, chunk_bytes=BLOCK_BYTES, max_line_bytes=max_bytes) as reader:
-        for first, lines, bad, controls in pool.map_in_order(_normalize_block,
-                                                             _blocks(reader, max_bytes)):
-            bad_lines = {first + index: (reason, detail) for index, reason, detail in bad}
-            for line_no, line in enumerate(lines, start=first):
+        tasks = (_NormalizeTask(block, max_bytes) for block in iter_line_blocks(reader, BLOCK_BYTES))
+        for block in pool.map_in_order(_normalize_block, tasks):
+            first = block.first_line
+            for line_no, line in enumerate(block.lines, start=first):
                 stats.input_lines = line_no
                 if not line:
                     if line is None:  # a bad line: skipped, its document goes on without it
-                        records.skip(line_no, *bad_lines[line_no])
+                        records.skip(line_no, *block.bad[line_no - first])
                         continue
                     if document:
                         yield document
@@ -156,10 +144,10 @@ def _iter_documents(raw_path: Path, settings: Cc100Settings, stats: CorpusStats,
                 document.append(line)
                 stats.lines_read += 1
                 if stats.lines_read >= max_lines:
-                    stats.control_char_records += sum(first + i <= line_no for i in controls)
+                    stats.control_char_records += sum(first + i <= line_no for i in block.control_lines)
                     yield document  # the last document may be cut here, as the original's budget did
                     return
-            stats.control_char_records += len(controls)
+            stats.control_char_records += len(block.control_lines)
     if document:
         yield document
 
@@ -175,73 +163,34 @@ def build_cc100_corpus(
     InputError for unreadable or empty input or more than `max_bad_records` bad lines, and
     ConfigError when a split would come out empty or the whole input is not larger than the
     validation budget.
+
+    Bad input lines (invalid UTF-8, longer than `max_record_bytes`) are skipped and counted by
+    reason in `CorpusStats.skipped`; the document they were in continues without them. Bytes are
+    never replaced: a line that is not UTF-8 is not text this corpus can vouch for. Control
+    characters are removed from lines that are kept (`normalize_line`), counted in
+    `control_char_records`.
     """
     settings.validate()
     raw_path, train_path, validation_path = Path(raw_path), Path(train_path), Path(validation_path)
     if train_path.resolve() == validation_path.resolve():
         raise ConfigError("validation_path", "must differ from train_path")
-    if pool is None:
-        with WorkerPool(workers) as own:
-            return _build(raw_path, train_path, validation_path, settings, own)
-    return _build(raw_path, train_path, validation_path, settings, pool)
+    with pool_or_own(pool, workers) as chosen:
+        return _build(raw_path, train_path, validation_path, settings, chosen)
 
 
 def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Cc100Settings,
            pool: WorkerPool) -> CorpusStats:
-    fraction = settings.effective_doc_fraction
     stats = CorpusStats(source=str(raw_path))
     records = BadRecords(raw_path, stats, settings.max_bad_records)
-    over_budget = 0
     started = time.perf_counter()
     with AtomicTextWriter(train_path) as train, AtomicTextWriter(validation_path) as validation:
-        for document in _iter_documents(raw_path, settings, stats, records, pool):
-            doc_index = stats.documents_read
-            stats.documents_read += 1
-            to_validation = False
-            if in_validation(settings.seed, f"doc:{doc_index}", fraction):
-                room = settings.max_validation_lines - stats.lines_validation
-                to_validation = len(document) <= room
-                over_budget += not to_validation
-            writer = validation if to_validation else train
-            writer.write_lines(document)
-            chars = sum(map(len, document))
-            if to_validation:
-                stats.documents_validation += 1
-                stats.lines_validation += len(document)
-                stats.chars_validation += chars
-            else:
-                stats.documents_train += 1
-                stats.lines_train += len(document)
-                stats.chars_train += chars
+        documents = _iter_documents(raw_path, settings, stats, records, pool)
+        over_budget = _write_documents(documents, settings, stats, train, validation)
         # Checked inside the `with` so that a failed build leaves no output files.
-        if stats.lines_read == 0:
-            raise InputError(raw_path, "contains no non-empty lines; check the download"
-                             + records.summary())
-        if settings.validation_doc_fraction is None and stats.lines_read < settings.max_lines and \
-                stats.lines_read <= settings.max_validation_lines:
-            # Known only once the input ran out: the budget could take the whole corpus. (With an
-            # explicit validation_doc_fraction the draw is set by it and the budget is only a cap.)
-            raise ConfigError(
-                "max_validation_lines",
-                f"{settings.max_validation_lines} is not below the {stats.lines_read} non-empty "
-                f"lines {raw_path} holds: lower it (and max_lines) to leave lines for training",
-            )
-        if stats.lines_validation == 0:
-            raise ConfigError(
-                "max_validation_lines",
-                f"no document fit in the validation split ({stats.documents_read} documents, "
-                f"{stats.lines_read} lines read): raise max_validation_lines or "
-                "validation_doc_fraction, or give more input (max_lines)",
-            )
-        if stats.lines_train == 0:
-            raise ConfigError(
-                "validation_doc_fraction",
-                "every document went to validation: lower validation_doc_fraction or "
-                "max_validation_lines, or give more input (max_lines)",
-            )
+        _check_counts(raw_path, settings, stats, records)
     stats.seconds = time.perf_counter() - started
     stats.details = {
-        "validation_doc_fraction": fraction,
+        "validation_doc_fraction": settings.effective_doc_fraction,
         "documents_over_validation_budget": over_budget,
         "input_exhausted": stats.lines_read < settings.max_lines,
         # The limits it ran under, so a check can hold the counts against them.
@@ -251,3 +200,66 @@ def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Cc
         "workers": pool.workers,
     }
     return stats
+
+
+def _write_documents(documents: Iterator[list[str]], settings: Cc100Settings, stats: CorpusStats,
+                     train: AtomicTextWriter, validation: AtomicTextWriter) -> int:
+    """Write each document whole to its split; returns how many picked ones the budget turned away.
+
+    Documents (blank-line separated) are numbered in file order and picked for validation by
+    `in_validation(seed, "doc:<index>", fraction)`. A picked document goes to validation only if it
+    fits whole in the remaining `max_validation_lines` budget, else to train; so documents are never
+    split, the splits never overlap, and validation stops growing once the budget is full.
+    """
+    fraction = settings.effective_doc_fraction
+    over_budget = 0
+    for document in documents:
+        doc_index = stats.documents_read
+        stats.documents_read += 1
+        to_validation = False
+        if in_validation(settings.seed, f"doc:{doc_index}", fraction):
+            room = settings.max_validation_lines - stats.lines_validation
+            to_validation = len(document) <= room
+            over_budget += not to_validation
+        writer = validation if to_validation else train
+        writer.write_lines(document)
+        chars = sum(map(len, document))
+        if to_validation:
+            stats.documents_validation += 1
+            stats.lines_validation += len(document)
+            stats.chars_validation += chars
+        else:
+            stats.documents_train += 1
+            stats.lines_train += len(document)
+            stats.chars_train += chars
+    return over_budget
+
+
+def _check_counts(raw_path: Path, settings: Cc100Settings, stats: CorpusStats,
+                  records: BadRecords) -> None:
+    """Fail a build whose input or splits came out empty, or whose budget could take it all."""
+    if stats.lines_read == 0:
+        raise InputError(raw_path, "contains no non-empty lines; check the download"
+                         + records.summary())
+    if settings.validation_doc_fraction is None and stats.lines_read < settings.max_lines and \
+            stats.lines_read <= settings.max_validation_lines:
+        # Known only once the input ran out: the budget could take the whole corpus. (With an
+        # explicit validation_doc_fraction the draw is set by it and the budget is only a cap.)
+        raise ConfigError(
+            "max_validation_lines",
+            f"{settings.max_validation_lines} is not below the {stats.lines_read} non-empty "
+            f"lines {raw_path} holds: lower it (and max_lines) to leave lines for training",
+        )
+    if stats.lines_validation == 0:
+        raise ConfigError(
+            "max_validation_lines",
+            f"no document fit in the validation split ({stats.documents_read} documents, "
+            f"{stats.lines_read} lines read): raise max_validation_lines or "
+            "validation_doc_fraction, or give more input (max_lines)",
+        )
+    if stats.lines_train == 0:
+        raise ConfigError(
+            "validation_doc_fraction",
+            "every document went to validation: lower validation_doc_fraction or "
+            "max_validation_lines, or give more input (max_lines)",
+        )

@@ -1,15 +1,16 @@
 """Text cleaning and sentence splitting for the Japanese corpora.
 
-`normalize_line` is the whole of the cc100 cleaning (control characters out, NFKC, strip).
-`clean_wiki_text` applies the original pipeline's JaWiki rules to a CirrusSearch `text` field,
-and `split_sentences` cuts text on 。?! without splitting inside 「」『』() （） brackets. Pure
-functions on strings, no I/O; tests/test_properties.py states what each may remove.
+`normalize_line` is the whole of the cc100 cleaning (control characters out, NFKC, strip);
+`clean_wiki_text` applies the original's JaWiki rules to a CirrusSearch `text` field;
+`split_sentences` cuts on 。?! outside 「」『』() （） brackets. Pure functions, no I/O.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
+
+# tests/test_properties.py states what each of these functions may remove, and checks it.
 
 # --- JaWiki cleaning rules (the original's, in its order). All patterns assume NFKC text, so
 # full-width ［］？｛｝＾ have already become their ASCII forms. Bracketed patterns never cross

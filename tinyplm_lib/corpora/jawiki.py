@@ -1,48 +1,34 @@
 """Build the JaWiki corpus from a CirrusSearch content dump: cleaned, split, deduplicated sentences.
 
-Three streaming passes with flat memory: (1) worker processes parse, clean, split and length-filter
-blocks of dump lines while this process pairs index and document lines in file order, appending
-candidate sentences to a work file with their split tags and 64-bit hashes; (2) find later
-occurrences of each hash bucket by bucket on disk; (3) copy first occurrences into train/validation.
-The split is per article: `in_validation(seed, "page:<page_id>", fraction)`. The output is
-byte-identical for any number of workers.
-
-Bad dump lines (malformed JSON, invalid UTF-8, a document missing a field, a line over
-`max_record_bytes`, an index line without its document or the reverse) are skipped and counted
-by reason in `CorpusStats.skipped`, up to `max_bad_records`; past that the build fails naming the
-first bad line. Control characters in kept articles are removed by `clean_wiki_text` and the
-articles counted in `control_char_records`.
+Three streaming passes in flat memory: (1) workers parse blocks of dump lines (`jawiki_parse`) and
+`_FirstPass` pairs and appends them to work files; (2) `mark_first_occurrences` finds duplicates
+on disk; (3) first occurrences go to train/validation. Byte-identical for any number of workers.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import sys
 import tempfile
 import time
-from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from tinyplm_lib.corpora.cleaning import clean_wiki_text, has_control_chars, split_sentences
-from tinyplm_lib.corpora.corpus import (
-    AtomicTextWriter,
-    BadRecords,
-    CorpusStats,
-    LineReader,
-    decode_block,
-    in_validation,
-    iter_flags,
-    mark_first_occurrences,
-    over_size,
-    sentence_hash,
-)
+from tinyplm_lib.corpora.dedup import iter_flags, mark_first_occurrences
+from tinyplm_lib.corpora.jawiki_parse import DocumentLine, IndexLine, Outcome, ParseTask, Sentences, parse_block
+from tinyplm_lib.corpora.reader import LineReader, iter_line_blocks
+from tinyplm_lib.corpora.records import BadLine, BadRecords, CorpusStats
+from tinyplm_lib.corpora.split import in_validation
 from tinyplm_lib.errors import ConfigError, InputError
-from tinyplm_lib.parallel import WorkerPool
+from tinyplm_lib.files import AtomicTextWriter
+from tinyplm_lib.parallel import WorkerPool, pool_or_own
 
 _TRAIN, _VALIDATION = b"T", b"V"  # split tag of each candidate, in the tags work file
+# Work files of one build, in its temporary folder: the candidate sentences one a line, a split
+# tag byte and a 64-bit hash for each, and pass 2's flag byte for each (1: first occurrence).
+_CANDIDATES_FILE, _TAGS_FILE, _HASHES_FILE, _FLAGS_FILE = (
+    "candidates.txt", "tags.u8", "hashes.u64", "first.u8")
 # Raw bytes per pool task: ~50 articles, ~40 ms of cleaning and splitting.
 BLOCK_BYTES = 1 << 20
 
@@ -87,153 +73,124 @@ class JawikiSettings:
             )
 
 
-def _clean_document(record: dict, min_chars: int, max_chars: int):
-    """What pass 1 needs of one document line, computed in a worker (the pairing is not known yet)."""
-    namespace = record.get("namespace")
-    text = record.get("text")
-    has_page_id = "page_id" in record
-    page_id = record.get("page_id")
-    if not isinstance(namespace, int) or namespace != 0 or not isinstance(text, str):
-        return ("doc", namespace, has_page_id, page_id, isinstance(text, str), None, False)
-    title = record.get("title") if isinstance(record.get("title"), str) else None
-    sentences = split_sentences(clean_wiki_text(text, title=title))
-    kept = [s for s in sentences if min_chars <= len(s) <= max_chars]
-    too_short = sum(1 for s in sentences if len(s) < min_chars)
-    hashes = array("Q", map(sentence_hash, kept))
-    if sys.byteorder != "little":  # the dedup step reads little-endian uint64
-        hashes.byteswap()
-    blob = "".join(s + "\n" for s in kept).encode()
-    counts = (len(sentences), len(kept), too_short, len(sentences) - len(kept) - too_short)
-    return ("doc", namespace, has_page_id, page_id, True, (counts, blob, hashes.tobytes()),
-            has_control_chars(text))
+class _FirstPass:
+    """Pass 1 in this process: pairs index and document lines in dump order, applies the
+    bad-record policy to them, counts, and appends each article's candidates to the work files.
 
+    The split is per article: `in_validation(seed, "page:<page_id>", validation_fraction)`. Bad
+    dump lines (malformed JSON, invalid UTF-8, a document missing a field, a line over
+    `max_record_bytes`, an index line without its document or the reverse) are skipped and
+    counted by reason in `CorpusStats.skipped`, up to `max_bad_records`.
+    """
 
-def _parse_block(task: tuple[int, bytes, int, int, int, dict[int, int]]) -> tuple[int, list[tuple]]:
-    """Pool task: one outcome per line of the block: blank, bad (reason, detail), index or document."""
-    first, data, min_chars, max_chars, max_record_bytes, long_lines = task
-    lines, invalid = decode_block(data)
-    bad = {index: ("invalid_utf8", f"invalid UTF-8 at byte {start} of the line")
-           for index, start in invalid}
-    too_long = over_size(lines, max_record_bytes) + [(n - first, size) for n, size in long_lines.items()]
-    for index, size in too_long:
-        bad[index] = ("record_too_long", f"line of {size} bytes, over max_record_bytes "
-                      f"({max_record_bytes})")
-    outcomes: list[tuple] = []
-    for index, line in enumerate(lines):
-        if bad and index in bad:
-            outcomes.append(("bad", *bad[index]))
-            continue
-        if not line.strip():
-            outcomes.append(("blank",))
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            outcomes.append(("bad", "malformed_json", f"malformed JSON ({exc.msg} at column {exc.colno})"))
-            continue
-        except (ValueError, RecursionError) as exc:
-            # A number over Python's 4,300-digit limit, or "[[[[…" deeper than the parser's stack.
-            outcomes.append(("bad", "malformed_json", f"malformed JSON ({str(exc)[:100]})"))
-            continue
-        if not isinstance(record, dict):
-            outcomes.append(("bad", "not_a_json_object", "expected a JSON object"))
-        elif "index" in record and len(record) == 1:
-            index_entry = record["index"]
-            outcomes.append(("index", index_entry.get("_id") if isinstance(index_entry, dict) else None))
+    def __init__(self, settings: JawikiSettings, stats: CorpusStats, records: BadRecords,
+                 candidates: BinaryIO, tags: BinaryIO, hashes: BinaryIO) -> None:
+        self.settings, self.stats, self.records = settings, stats, records
+        self.candidates, self.tags, self.hashes = candidates, tags, hashes
+        self.count = 0  # candidate sentences appended
+        self.pending_index: int | None = None  # line number of an index line awaiting its document
+        self.index_id: object = None
+        # After a bad line with no index pending, that line was most likely an index line: the next
+        # document may then come without one (else one damaged index line would cost two records).
+        self.loose = False
+
+    def take(self, line_no: int, outcome: Outcome) -> bool:
+        """Route one line's outcome; True once `max_documents` articles have been read."""
+        self.stats.input_lines = line_no
+        if outcome is None:  # a blank line
+            return False
+        if isinstance(outcome, BadLine):
+            self.records.skip(line_no, outcome.reason, outcome.detail)
+            # A bad line after an index line is taken as that index's document.
+            self.loose, self.pending_index = self.pending_index is None, None
+        elif isinstance(outcome, IndexLine):
+            if self.pending_index is not None:
+                self.records.skip(self.pending_index, "index_without_document",
+                                  "index line without its document")
+            self.pending_index, self.index_id, self.loose = line_no, outcome.doc_id, False
+        elif self._paired(line_no):
+            page_id = outcome.page_id if outcome.has_page_id else self.index_id
+            if self._admitted(line_no, outcome, page_id):
+                self._append(outcome.sentences, outcome.control_chars, page_id)
+                # max_documents counts namespace-0 articles, not dump lines.
+                return self.stats.documents_read == self.settings.max_documents
+        return False
+
+    def _paired(self, line_no: int) -> bool:
+        """Whether a document line has its index line before it (or may go without one)."""
+        if self.pending_index is None:
+            if not self.loose:
+                self.records.skip(line_no, "document_without_index",
+                                  'expected an {"index": ...} line before each document')
+                return False
+            self.index_id = None
+        self.pending_index, self.loose = None, False
+        return True
+
+    def _admitted(self, line_no: int, document: DocumentLine, page_id: object) -> bool:
+        """Whether a paired document is a namespace-0 article with every field it needs."""
+        if not isinstance(document.namespace, int):
+            self.records.skip(line_no, "missing_field", "document lacks an integer 'namespace'")
+            return False
+        if document.namespace != 0:
+            self.stats.drop("documents_other_namespace")
+            return False
+        if not document.has_text:
+            self.records.skip(line_no, "missing_field", "document lacks a string 'text'")
+            return False
+        if page_id is None:
+            self.records.skip(line_no, "missing_field", "document lacks 'page_id' (and index _id)")
+            return False
+        return True
+
+    def _append(self, sentences: Sentences, control_chars: bool, page_id: object) -> None:
+        stats = self.stats
+        stats.documents_read += 1
+        stats.control_char_records += control_chars
+        stats.lines_read += sentences.found
+        if sentences.too_short:
+            stats.drop("sentences_too_short", sentences.too_short)
+        if sentences.too_long:
+            stats.drop("sentences_too_long", sentences.too_long)
+        chosen = in_validation(self.settings.seed, f"page:{page_id}",
+                               self.settings.validation_fraction)
+        tag = _VALIDATION if chosen else _TRAIN
+        self.candidates.write(sentences.blob)
+        self.tags.write(tag * sentences.kept)
+        self.hashes.write(sentences.hashes)
+        self.count += sentences.kept
+        if not sentences.found:
+            stats.drop("documents_empty_text")
+        elif not sentences.kept:
+            stats.drop("documents_no_sentence_in_length_range")
+        elif tag == _VALIDATION:
+            stats.documents_validation += 1
         else:
-            outcomes.append(_clean_document(record, min_chars, max_chars))
-    return first, outcomes
+            stats.documents_train += 1
 
-
-def _blocks(reader: LineReader, settings: JawikiSettings) -> Iterator[tuple]:
-    while True:
-        first = reader.lines_taken + 1
-        data, count = reader.take(1 << 30, BLOCK_BYTES)
-        if not count:
-            return
-        yield (first, data, settings.min_chars, settings.max_chars, settings.max_record_bytes,
-               reader.pop_long_lines())
+    def finish(self) -> None:
+        """At the end of the dump: an index line still waiting never got its document."""
+        if self.pending_index is not None:
+            self.records.skip(self.pending_index, "index_without_document",
+                              "index line without its document at the end")
 
 
 def _first_pass(raw_path: Path, settings: JawikiSettings, stats: CorpusStats, records: BadRecords,
                 work: Path, pool: WorkerPool) -> int:
-    """Pair, count and append candidates to the work files in dump order; returns their count."""
-    count = 0
-    pending_index: int | None = None  # line number of an index line awaiting its document
-    index_id = None
-    # After a bad line with no index pending, that line was most likely an index line: the next
-    # document may then come without one (else one damaged index line would cost two records).
-    loose = False
-    with LineReader(raw_path, chunk_bytes=BLOCK_BYTES, max_line_bytes=settings.max_record_bytes) \
-            as reader, open(work / "candidates.txt", "wb") as candidates, \
-            open(work / "tags.u8", "wb") as tags, open(work / "hashes.u64", "wb") as hash_file:
-        for first, outcomes in pool.map_in_order(_parse_block, _blocks(reader, settings)):
-            for line_no, outcome in enumerate(outcomes, start=first):
-                kind = outcome[0]
-                stats.input_lines = line_no
-                if kind == "blank":
-                    continue
-                if kind == "bad":
-                    records.skip(line_no, outcome[1], outcome[2])
-                    # A bad line after an index line is taken as that index's document.
-                    loose, pending_index = pending_index is None, None
-                    continue
-                if kind == "index":
-                    if pending_index is not None:
-                        records.skip(pending_index, "index_without_document",
-                                     "index line without its document")
-                    pending_index, index_id, loose = line_no, outcome[1], False
-                    continue
-                if pending_index is None:
-                    if not loose:
-                        records.skip(line_no, "document_without_index",
-                                     'expected an {"index": ...} line before each document')
-                        continue
-                    index_id = None
-                pending_index, loose = None, False
-                _, namespace, has_page_id, page_id, text_ok, cleaned, controls = outcome
-                if not has_page_id:
-                    page_id = index_id
-                if not isinstance(namespace, int):
-                    records.skip(line_no, "missing_field", "document lacks an integer 'namespace'")
-                    continue
-                if namespace != 0:
-                    stats.drop("documents_other_namespace")
-                    continue
-                if not text_ok:
-                    records.skip(line_no, "missing_field", "document lacks a string 'text'")
-                    continue
-                if page_id is None:
-                    records.skip(line_no, "missing_field", "document lacks 'page_id' (and index _id)")
-                    continue
-                stats.documents_read += 1
-                stats.control_char_records += controls
-                (sentences, kept, too_short, too_long), blob, hashes = cleaned
-                stats.lines_read += sentences
-                if too_short:
-                    stats.drop("sentences_too_short", too_short)
-                if too_long:
-                    stats.drop("sentences_too_long", too_long)
-                chosen = in_validation(settings.seed, f"page:{page_id}", settings.validation_fraction)
-                tag = _VALIDATION if chosen else _TRAIN
-                candidates.write(blob)
-                tags.write(tag * kept)
-                hash_file.write(hashes)
-                count += kept
-                if not sentences:
-                    stats.drop("documents_empty_text")
-                elif not kept:
-                    stats.drop("documents_no_sentence_in_length_range")
-                elif tag == _VALIDATION:
-                    stats.documents_validation += 1
-                else:
-                    stats.documents_train += 1
-                if stats.documents_read == settings.max_documents:
-                    return count  # max_documents counts namespace-0 articles, not dump lines
-    if pending_index is not None:
-        records.skip(pending_index, "index_without_document",
-                     "index line without its document at the end")
-    return count
+    """Parse the dump on the pool and route it through `_FirstPass`; returns the candidates' count."""
+    max_bytes = settings.max_record_bytes
+    with LineReader(raw_path, chunk_bytes=BLOCK_BYTES, max_line_bytes=max_bytes) as reader, \
+            open(work / _CANDIDATES_FILE, "wb") as candidates, \
+            open(work / _TAGS_FILE, "wb") as tags, open(work / _HASHES_FILE, "wb") as hashes:
+        state = _FirstPass(settings, stats, records, candidates, tags, hashes)
+        tasks = (ParseTask(block, settings.min_chars, settings.max_chars, max_bytes)
+                 for block in iter_line_blocks(reader, BLOCK_BYTES))
+        for parsed in pool.map_in_order(parse_block, tasks):
+            for line_no, outcome in enumerate(parsed.outcomes, start=parsed.first_line):
+                if state.take(line_no, outcome):
+                    return state.count
+    state.finish()
+    return state.count
 
 
 def _iter_bytes(path: Path, chunk_bytes: int = 1 << 20) -> Iterator[bytes]:
@@ -260,16 +217,16 @@ def build_jawiki_corpus(
     inside `work_dir` (default: beside `train_path`) and are removed at the end, success or not.
     documents_train/validation count articles with at least one sentence in the length range
     (before dedup); articles with none are counted in `dropped` instead. More than
-    `max_bad_records` bad lines raise InputError naming the first; see the module docstring.
+    `max_bad_records` bad lines raise InputError naming the first (see `_FirstPass`). Control
+    characters in kept articles are removed by `clean_wiki_text`, the articles counted in
+    `control_char_records`.
     """
     settings.validate()
     raw_path, train_path, validation_path = Path(raw_path), Path(train_path), Path(validation_path)
     if train_path.resolve() == validation_path.resolve():
         raise ConfigError("validation_path", "must differ from train_path")
-    if pool is None:
-        with WorkerPool(workers) as own:
-            return _build(raw_path, train_path, validation_path, settings, work_dir, own)
-    return _build(raw_path, train_path, validation_path, settings, work_dir, pool)
+    with pool_or_own(pool, workers) as chosen:
+        return _build(raw_path, train_path, validation_path, settings, work_dir, chosen)
 
 
 def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: JawikiSettings,
@@ -286,37 +243,12 @@ def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Ja
             if stats.documents_read == 0:
                 raise InputError(raw_path, "contains no namespace-0 articles; check the dump file"
                                  + records.summary())
-            hashes_path, flags_path = work / "hashes.u64", work / "first.u8"
-            duplicates, buckets = mark_first_occurrences(hashes_path, count, flags_path)
-            hashes_path.unlink()
+            duplicates, buckets = mark_first_occurrences(work / _HASHES_FILE, count,
+                                                         work / _FLAGS_FILE)
+            (work / _HASHES_FILE).unlink()
             stats.drop("sentences_duplicate", duplicates)
-            with open(work / "candidates.txt", "rb") as candidates:
-                rows = zip(candidates, iter_flags(flags_path), _iter_bytes(work / "tags.u8"),
-                           strict=True)
-                for raw, keep, tag in rows:
-                    if not keep:
-                        continue
-                    sentence = raw[:-1].decode()
-                    if tag == _VALIDATION:
-                        validation.write_line(sentence)
-                        stats.lines_validation += 1
-                        stats.chars_validation += len(sentence)
-                    else:
-                        train.write_line(sentence)
-                        stats.lines_train += 1
-                        stats.chars_train += len(sentence)
-            if stats.lines_train + stats.lines_validation == 0:
-                raise InputError(
-                    raw_path, "no sentence survived cleaning; check min_chars/max_chars"
-                )
-            if stats.lines_validation == 0 or stats.lines_train == 0:
-                empty = "validation" if stats.lines_validation == 0 else "train"
-                raise ConfigError(
-                    "validation_fraction",
-                    f"the {empty} split is empty ({stats.documents_read} articles read): "
-                    f"{'raise' if empty == 'validation' else 'lower'} validation_fraction "
-                    "or raise max_documents",
-                )
+            _write_first_occurrences(work, stats, train, validation)
+            _check_splits(raw_path, stats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     stats.seconds = time.perf_counter() - started
@@ -328,3 +260,39 @@ def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Ja
         "workers": pool.workers,
     }
     return stats
+
+
+def _write_first_occurrences(work: Path, stats: CorpusStats, train: AtomicTextWriter,
+                             validation: AtomicTextWriter) -> None:
+    """Pass 3: each candidate flagged as a first occurrence, to the split its tag names."""
+    with open(work / _CANDIDATES_FILE, "rb") as candidates:
+        rows = zip(candidates, iter_flags(work / _FLAGS_FILE), _iter_bytes(work / _TAGS_FILE),
+                   strict=True)
+        for raw, keep, tag in rows:
+            if not keep:
+                continue
+            sentence = raw[:-1].decode()
+            if tag == _VALIDATION:
+                validation.write_line(sentence)
+                stats.lines_validation += 1
+                stats.chars_validation += len(sentence)
+            else:
+                train.write_line(sentence)
+                stats.lines_train += 1
+                stats.chars_train += len(sentence)
+
+
+def _check_splits(raw_path: Path, stats: CorpusStats) -> None:
+    """Fail a build where no sentence survived, or one split came out empty."""
+    if stats.lines_train + stats.lines_validation == 0:
+        raise InputError(
+            raw_path, "no sentence survived cleaning; check min_chars/max_chars"
+        )
+    if stats.lines_validation == 0 or stats.lines_train == 0:
+        empty = "validation" if stats.lines_validation == 0 else "train"
+        raise ConfigError(
+            "validation_fraction",
+            f"the {empty} split is empty ({stats.documents_read} articles read): "
+            f"{'raise' if empty == 'validation' else 'lower'} validation_fraction "
+            "or raise max_documents",
+        )

@@ -1,23 +1,20 @@
-"""Pieces shared by the corpus builders: streaming line readers, split rule, atomic writer, stats.
+"""The streaming line reader: .xz, .gz or plain files read as numbered lines or blocks of lines.
 
-`LineReader` hands out whole lines in large blocks, so worker processes get work without a Python
-loop over lines in the parent. Also the disk-backed exact-duplicate finder: 64-bit sentence
-hashes go to bucket files on disk, so memory stays bounded by one bucket at any corpus size.
+`read_lines` yields one line at a time; `LineReader` hands out whole lines in large blocks (cut by
+`iter_line_blocks` into `LineBlock` pool tasks), so worker processes get work without a Python
+loop over lines in the parent. Damaged input fails as an InputError naming the file and line.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
 import lzma
-import os
 import queue
 import threading
 import zlib
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, NamedTuple
 
 import numpy as np
 
@@ -26,86 +23,6 @@ from tinyplm_lib.errors import InputError
 # Errors the stdlib decompressors raise on a cut or damaged stream. A truncated file must never
 # pass as a short corpus, so each becomes an InputError.
 _DECOMPRESS_ERRORS = (EOFError, lzma.LZMAError, gzip.BadGzipFile, zlib.error)
-_WRITE_BUFFER_BYTES = 1 << 20
-
-
-@dataclass
-class CorpusStats:
-    """Exact counts of one corpus build; `to_dict()` is what the asset reports as metadata.
-
-    "lines" are output lines: cc100 lines or JaWiki sentences. lines_read == lines_train +
-    lines_validation + the line-level drops. `dropped` counts by reason; keys name their unit.
-    """
-
-    source: str = ""
-    input_lines: int = 0  # physical lines read from the raw file
-    documents_read: int = 0
-    documents_train: int = 0
-    documents_validation: int = 0
-    lines_read: int = 0
-    lines_train: int = 0
-    lines_validation: int = 0
-    chars_train: int = 0
-    chars_validation: int = 0
-    dropped: dict[str, int] = field(default_factory=dict)
-    # Bad input records (lines) skipped under the bad-record policy, by reason (`BadRecords`),
-    # and the first few of them as {"line", "reason", "detail"}.
-    skipped: dict[str, int] = field(default_factory=dict)
-    skipped_examples: list[dict[str, object]] = field(default_factory=list)
-    # Records kept after their control characters were removed (cc100 lines, JaWiki articles).
-    control_char_records: int = 0
-    details: dict[str, object] = field(default_factory=dict)  # builder-specific facts
-    seconds: float = 0.0
-
-    def drop(self, reason: str, count: int = 1) -> None:
-        self.dropped[reason] = self.dropped.get(reason, 0) + count
-
-    @property
-    def skipped_total(self) -> int:
-        return sum(self.skipped.values())
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-
-MAX_SKIPPED_EXAMPLES = 5
-
-
-class BadRecords:
-    """The bad-record policy of a corpus build: skip, count by reason, fail past a limit.
-
-    `skip()` is called in file order by the process that routes the workers' results, so the
-    counts, the examples and the line an error names are the same for any number of workers.
-    More than `max_bad_records` skips raise InputError naming the file and the first bad line,
-    with the counts by reason; 0 makes every bad record an error.
-    """
-
-    def __init__(self, path: Path, stats: CorpusStats, max_bad_records: int) -> None:
-        self.path, self.stats, self.max_bad_records = path, stats, max_bad_records
-        self.total = 0
-
-    def skip(self, line: int, reason: str, detail: str) -> None:
-        stats = self.stats
-        stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
-        if len(stats.skipped_examples) < MAX_SKIPPED_EXAMPLES:
-            stats.skipped_examples.append({"line": line, "reason": reason, "detail": detail})
-        self.total += 1
-        if self.total > self.max_bad_records:
-            first = stats.skipped_examples[0]
-            if self.total == 1:
-                summary = f"a bad record ({reason}) and max_bad_records is 0"
-            else:
-                summary = (f"{self.total} bad records, more than max_bad_records "
-                           f"({self.max_bad_records}) allows; the last at line {line}; by reason: "
-                           f"{dict(sorted(stats.skipped.items()))}")
-            raise InputError(self.path, f"{first['detail']} [{summary}]", line=int(first["line"]))
-
-    def summary(self) -> str:
-        """' (N bad records skipped: {...})' for messages about what was left, or ''."""
-        if not self.total:
-            return ""
-        noun = "bad record" if self.total == 1 else "bad records"
-        return f" ({self.total} {noun} skipped: {dict(sorted(self.stats.skipped.items()))})"
 
 
 def _open_binary(path: Path) -> IO[bytes]:
@@ -124,12 +41,8 @@ def read_lines(path: Path) -> Iterator[tuple[int, str]]:
     the line, so a damaged download fails loudly instead of yielding a shorter corpus.
     """
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    if path.stat().st_size == 0:
-        raise InputError(path, "file is empty (0 bytes); re-download it")
     line_no = 0
-    with _open_binary(path) as stream:
+    with open_raw(path) as stream:
         lines = iter(stream)
         while True:
             try:
@@ -453,129 +366,21 @@ def over_size(lines: list[str | None], max_bytes: int) -> list[tuple[int, int]]:
     return found
 
 
-def in_validation(seed: int, key: str, fraction: float) -> bool:
-    """True for about `fraction` of keys; fixed for a (seed, key) pair on every machine and run.
+class LineBlock(NamedTuple):
+    """Whole lines from `LineReader.take`, as a pool task carries them to a worker."""
 
-    blake2b rather than Python's hash(), which is salted per process.
-    """
-    digest = hashlib.blake2b(f"{seed}\x00{key}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") < fraction * 2.0**64
-
-
-class AtomicTextWriter:
-    """Write LF-terminated UTF-8 lines to `<path>.tmp`; renamed to `path` on success.
-
-    On error the temporary file is removed and so is any older file at `path`: a failed build
-    leaves nothing behind that could be paired with another build's output.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.tmp_path = self.path.with_name(self.path.name + ".tmp")
-        self._file: IO[str] | None = None
-
-    def __enter__(self) -> AtomicTextWriter:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(
-            self.tmp_path, "w", encoding="utf-8", newline="\n", buffering=_WRITE_BUFFER_BYTES
-        )
-        return self
-
-    def write_line(self, line: str) -> None:
-        assert self._file is not None, "use AtomicTextWriter as a context manager"
-        self._file.write(line)
-        self._file.write("\n")
-
-    def write_lines(self, lines: list[str]) -> None:
-        """Each of `lines` followed by a newline, in one write."""
-        assert self._file is not None, "use AtomicTextWriter as a context manager"
-        if lines:
-            self._file.write("\n".join(lines))
-            self._file.write("\n")
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        assert self._file is not None
-        self._file.close()
-        self._file = None
-        if exc_type is None:
-            os.replace(self.tmp_path, self.path)
-        else:
-            self.tmp_path.unlink(missing_ok=True)
-            self.path.unlink(missing_ok=True)
+    first_line: int  # 1-based number of the block's first line in the file
+    data: bytes
+    # {line number: length in bytes} of the lines over the reader's max_line_bytes, handed out
+    # empty (`LineReader.pop_long_lines`).
+    long_lines: dict[int, int]
 
 
-def sentence_hash(text: str) -> int:
-    """64-bit content hash used for exact deduplication."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
-
-
-def _mark_later_occurrences(hashes: np.ndarray, ordinals: np.ndarray, keep: np.ndarray) -> int:
-    # Ordinals arrive in increasing order, so a stable sort by hash lists each hash's first
-    # occurrence first; every later entry in a run of equal hashes is a duplicate.
-    order = np.argsort(hashes, kind="stable")
-    sorted_hashes = hashes[order]
-    later = np.zeros(len(order), dtype=bool)
-    later[1:] = sorted_hashes[1:] == sorted_hashes[:-1]
-    keep[ordinals[order][later]] = 0
-    return int(later.sum())
-
-
-def mark_first_occurrences(
-    hashes_path: Path,
-    count: int,
-    flags_path: Path,
-    max_bucket_entries: int = 2_000_000,
-    chunk_entries: int = 1_000_000,
-) -> tuple[int, int]:
-    """Write `flags_path`: one uint8 per hash in `hashes_path` (little-endian uint64), 1 for the
-    first occurrence of its value in file order, 0 for a later duplicate.
-
-    Hashes are spread over ceil(count / max_bucket_entries) bucket files by value, so each bucket
-    (16 bytes an entry, ~32 MB at the default) is deduplicated alone in memory. Returns
-    (duplicates, buckets).
-    """
-    if count == 0:
-        flags_path.write_bytes(b"")
-        return 0, 0
-    buckets = max(1, -(-count // max_bucket_entries))
-    hashes = np.memmap(hashes_path, dtype="<u8", mode="r", shape=(count,))
-    # A file-backed array: pages go to disk, so the flags do not grow the process's memory.
-    keep = np.memmap(flags_path, dtype=np.uint8, mode="w+", shape=(count,))
-    keep[:] = 1
-    duplicates = 0
-    if buckets == 1:
-        duplicates = _mark_later_occurrences(
-            np.asarray(hashes), np.arange(count, dtype=np.uint64), keep
-        )
-    else:
-        bucket_paths = [flags_path.with_suffix(f".bucket{k}") for k in range(buckets)]
-        files = [open(p, "wb") for p in bucket_paths]
-        try:
-            for start in range(0, count, chunk_entries):
-                chunk = np.asarray(hashes[start : start + chunk_entries])
-                ordinals = np.arange(start, start + len(chunk), dtype=np.uint64)
-                bucket_of = chunk % np.uint64(buckets)
-                order = np.argsort(bucket_of, kind="stable")  # keeps ordinals increasing
-                bounds = np.searchsorted(bucket_of[order], np.arange(buckets + 1, dtype=np.uint64))
-                for k in range(buckets):
-                    sel = order[bounds[k] : bounds[k + 1]]
-                    np.stack([chunk[sel], ordinals[sel]], axis=1).tofile(files[k])
-        finally:
-            for f in files:
-                f.close()
-        for bucket_path in bucket_paths:
-            pairs = np.fromfile(bucket_path, dtype="<u8").reshape(-1, 2)
-            if len(pairs):
-                duplicates += _mark_later_occurrences(pairs[:, 0], pairs[:, 1], keep)
-            bucket_path.unlink()
-    keep.flush()
-    del keep, hashes
-    return duplicates, buckets
-
-
-def iter_flags(flags_path: Path, chunk_bytes: int = 1 << 20) -> Iterator[bool]:
-    """Stream the flags written by `mark_first_occurrences`, one chunk in memory at a time."""
-    with open(flags_path, "rb") as f:
-        while chunk := f.read(chunk_bytes):
-            for flag in chunk:
-                yield flag == 1
+def iter_line_blocks(reader: LineReader, block_bytes: int) -> Iterator[LineBlock]:
+    """The rest of `reader` as blocks of about `block_bytes` bytes of whole lines."""
+    while True:
+        first_line = reader.lines_taken + 1
+        data, count = reader.take(1 << 30, block_bytes)
+        if not count:
+            return
+        yield LineBlock(first_line, data, reader.pop_long_lines())
