@@ -13,13 +13,14 @@ import pytest
 
 import tinyplm_lib.corpora.cc100 as cc100_module
 import tinyplm_lib.corpora.jawiki as jawiki_module
-import tinyplm_lib.tokens.shards as shards_module
+import tinyplm_lib.tokens.shard_writer as shards_module
 from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
 from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
 from tinyplm_lib.errors import ConfigError, InputError
 from tinyplm_lib.parallel import WorkerPool, map_in_order
 from tinyplm_lib.tokens.encoding import FastEncoder, worker_encoder
-from tinyplm_lib.tokens.shards import TokenShards, encode_corpus
+from tinyplm_lib.tokens.shard_writer import encode_corpus
+from tinyplm_lib.tokens.shards import TokenShards
 from tinyplm_lib.tokens.tokenizer import TokenizerSettings, train_tokenizer
 
 CC100 = Cc100Settings(max_lines=20_000, max_validation_lines=1_000, validation_doc_fraction=0.1)

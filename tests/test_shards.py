@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 
 from tinyplm_lib.errors import ConfigError, InputError, StorageError
-from tinyplm_lib.tokens import shards as shards_module
+from tinyplm_lib.tokens import shard_writer
 from tinyplm_lib.tokens.encoding import FastEncoder
-from tinyplm_lib.tokens.shards import TokenShards, encode_corpus
+from tinyplm_lib.tokens.shard_writer import encode_corpus
+from tinyplm_lib.tokens.shards import TokenShards
 from tinyplm_lib.tokens.tokenizer import TokenizerSettings, train_tokenizer
 
 
@@ -134,7 +135,7 @@ def test_small_shards_hold_the_same_content_as_one(tmp_path, corpus):
 def test_workers_do_not_change_a_byte(tmp_path, corpus, monkeypatch):
     tokenizer_dir, text, _ = corpus
     # Chunks of 100 lines: ~30 pool tasks with 4 in flight, so results really arrive interleaved.
-    monkeypatch.setattr(shards_module, "ENCODE_CHUNK_LINES", 100)
+    monkeypatch.setattr(shard_writer, "ENCODE_CHUNK_LINES", 100)
     encode_corpus(text, tokenizer_dir, tmp_path / "w1", shard_lines=1300, workers=1)
     encode_corpus(text, tokenizer_dir, tmp_path / "w2", shard_lines=1300, workers=2)
     files = shard_files(tmp_path / "w1")

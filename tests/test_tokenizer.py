@@ -20,8 +20,8 @@ import pytest
 from tinyplm_lib.errors import ConfigError, InputError
 from tinyplm_lib.tokens import tokenizer as tokenizer_module
 from tinyplm_lib.tokens.encoding import FastEncoder
+from tinyplm_lib.tokens.folder import SPECIAL_TOKENS
 from tinyplm_lib.tokens.tokenizer import (
-    SPECIAL_TOKENS,
     TokenizerSettings,
     load_tokenizer,
     sample_sentences,

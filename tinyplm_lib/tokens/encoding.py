@@ -7,7 +7,6 @@ WordPiece model, so token shards are built several times faster with identical i
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import unicodedata
@@ -18,15 +17,10 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from tinyplm_lib.errors import InputError
+from tinyplm_lib.layout import VOCAB_FILE
 from tinyplm_lib.parallel import worker_state
+from tinyplm_lib.tokens.folder import UNK_TOKEN, TokenizerFolder
 
-# File names inside a tokenizer folder. `wordpiece.json` is not a name AutoTokenizer looks for, so
-# the folder still loads as the slow BertJapaneseTokenizer while the fast path reads the same vocab.
-VOCAB_FILE = "vocab.txt"
-CONFIG_FILE = "tokenizer_config.json"
-WORDPIECE_FILE = "wordpiece.json"
-UNK_TOKEN = "[UNK]"
-MISSING_HINT = "missing; is this a folder written by train_tokenizer?"
 # Entries of FastEncoder's word -> ids table before it is cleared: ~200 bytes each, so ~40 MB.
 WORD_CACHE_SIZE = 200_000
 
@@ -76,35 +70,18 @@ class MecabSegmenter:
         return " ".join(self.words(text))
 
 
-def tokenizer_key(tokenizer_dir: Path) -> tuple:
-    """Identifies a tokenizer folder's current files: a folder replaced in place gets a new key."""
-    tokenizer_dir = Path(tokenizer_dir).resolve()
-    stats = []
-    for name in (VOCAB_FILE, CONFIG_FILE, WORDPIECE_FILE):
-        try:
-            info = (tokenizer_dir / name).stat()
-            stats.append((info.st_ino, info.st_size, info.st_mtime_ns))
-        except FileNotFoundError:
-            stats.append(None)
-    return ("encoder", str(tokenizer_dir), tuple(stats))
-
-
 def worker_encoder(tokenizer_dir: Path) -> FastEncoder:
-    """This process's FastEncoder for `tokenizer_dir`, loaded once (pool tasks call this)."""
-    return worker_state(tokenizer_key(tokenizer_dir), lambda: FastEncoder.from_dir(tokenizer_dir))
+    """This process's FastEncoder for `tokenizer_dir`, loaded once (pool tasks call this).
+
+    Keyed by the files' inode, size and mtime: a folder replaced in place is loaded again.
+    """
+    folder = TokenizerFolder(Path(tokenizer_dir).resolve())
+    key = ("encoder", str(folder.path), folder.file_stats())
+    return worker_state(key, lambda: FastEncoder.from_dir(tokenizer_dir))
 
 
 def worker_segmenter() -> MecabSegmenter:
     return worker_state(("segmenter",), MecabSegmenter)
-
-
-def read_vocab(vocab_path: Path) -> dict[str, int]:
-    """vocab.txt as transformers' `load_vocab` reads it (a repeated token keeps its last id)."""
-    vocab: dict[str, int] = {}
-    with open(vocab_path, encoding="utf-8") as handle:
-        for index, line in enumerate(handle.readlines()):
-            vocab[line.rstrip("\n")] = index
-    return vocab
 
 
 class _WordPieces(dict):
@@ -168,26 +145,26 @@ class FastEncoder:
 
     @classmethod
     def from_dir(cls, tokenizer_dir: Path) -> FastEncoder:
-        """Load `wordpiece.json` and the added tokens of a folder written by `train_tokenizer`."""
-        tokenizer_dir = Path(tokenizer_dir)
-        for name in (VOCAB_FILE, CONFIG_FILE, WORDPIECE_FILE):
-            if not (tokenizer_dir / name).is_file():
-                raise InputError(tokenizer_dir / name, MISSING_HINT)
-        wordpiece = Tokenizer.from_file(str(tokenizer_dir / WORDPIECE_FILE))
-        vocab = read_vocab(tokenizer_dir / VOCAB_FILE)
-        # The slow tokenizer reads vocab.txt; the fast one must hold the very same table.
+        """Load `wordpiece.json` and the added tokens of a folder written by `train_tokenizer`.
+
+        `wordpiece.json` is not a name AutoTokenizer looks for, so the folder still loads as the
+        slow BertJapaneseTokenizer, which reads vocab.txt; the fast path checks it holds the same.
+        """
+        folder = TokenizerFolder(tokenizer_dir)
+        folder.require()
+        wordpiece = Tokenizer.from_file(str(folder.wordpiece_path))
+        vocab = folder.ids
         if wordpiece.get_vocab(with_added_tokens=False) != vocab:
-            raise InputError(tokenizer_dir / WORDPIECE_FILE, f"vocabulary differs from {VOCAB_FILE}")
-        config = json.loads((tokenizer_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+            raise InputError(folder.wordpiece_path, f"vocabulary differs from {VOCAB_FILE}")
         specials: dict[str, int] = {}
-        for key, entry in config.get("added_tokens_decoder", {}).items():
+        for key, entry in folder.config.get("added_tokens_decoder", {}).items():
             content = entry["content"]
             if vocab.get(content) != int(key):
-                raise InputError(tokenizer_dir / CONFIG_FILE, f"added token {content!r} has id {key}, "
-                                 f"vocab.txt says {vocab.get(content)}")
+                raise InputError(folder.config_path, f"added token {content!r} has id {key}, "
+                                 f"{VOCAB_FILE} says {vocab.get(content)}")
             if entry.get("lstrip") or entry.get("rstrip") or entry.get("single_word"):
                 # Those flags make the slow tokenizer eat neighbouring spaces; not reproduced here.
-                raise InputError(tokenizer_dir / CONFIG_FILE,
+                raise InputError(folder.config_path,
                                  f"added token {content!r} uses lstrip/rstrip/single_word")
             specials[content] = int(key)
         return cls(wordpiece, specials)

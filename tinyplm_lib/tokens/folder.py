@@ -1,7 +1,7 @@
 """The tokenizer folder as one type: its vocabulary, special tokens, settings and file hashes.
 
-Every reader of a tokenizer folder (the encoder, masking, checks, metadata, stage checks) goes
-through `TokenizerFolder` rather than opening `vocab.txt` itself. The folder is written by
+Every reader of a tokenizer folder (the encoder, shards, masking, checks, metadata) goes through
+`TokenizerFolder` rather than opening its files itself. The folder is written by
 `tokens.tokenizer.train_tokenizer`; reading needs neither MeCab nor transformers.
 """
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from tinyplm_lib.errors import ConfigError
+from tinyplm_lib.errors import ConfigError, InputError
 from tinyplm_lib.files import sha256_file
 from tinyplm_lib.layout import TOKENIZER_CONFIG_FILE, TOKENIZER_INFO_FILE, VOCAB_FILE, WORDPIECE_FILE
 
@@ -37,13 +37,35 @@ class TokenizerFolder:
     def vocab_path(self) -> Path:
         return self.path / VOCAB_FILE
 
+    @property
+    def config_path(self) -> Path:
+        return self.path / TOKENIZER_CONFIG_FILE
+
+    @property
+    def wordpiece_path(self) -> Path:
+        return self.path / WORDPIECE_FILE
+
+    def require(self, names: tuple[str, ...] = ID_FILES) -> None:
+        """An InputError naming the first of `names` that is not a file in the folder."""
+        for name in names:
+            if not (self.path / name).is_file():
+                raise InputError(self.path / name, MISSING_HINT)
+
     @cached_property
     def tokens(self) -> list[str]:
-        """vocab.txt's tokens in id order (a ConfigError of setting `tokenizer` when unreadable)."""
+        """vocab.txt's tokens in id order (a ConfigError of setting `tokenizer` when unreadable).
+
+        Split on "\n" only, as transformers' `load_vocab` does (`readlines`): `splitlines` would
+        also split a token at U+2028, U+0085 or \x1c and shift every later id.
+        """
         try:
-            return self.vocab_path.read_text(encoding="utf-8").splitlines()
+            text = self.vocab_path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError("tokenizer", f"{self.vocab_path}: {exc}") from exc
+        tokens = text.split("\n")
+        if tokens[-1] == "":
+            tokens.pop()  # the final newline ends the last token; it starts none
+        return tokens
 
     @cached_property
     def ids(self) -> dict[str, int]:
@@ -86,9 +108,28 @@ class TokenizerFolder:
         requested = self.info.get("requested_vocab_size")
         return requested if isinstance(requested, int) else None
 
+    @cached_property
+    def config(self) -> dict:
+        """`tokenizer_config.json` as transformers saved it (its added tokens and their ids)."""
+        return json.loads(self.config_path.read_text(encoding="utf-8"))
+
     def file_hashes(self, names: tuple[str, ...] = ID_FILES) -> dict[str, str]:
         """sha256 of the named files (by default those that decide ids), by file name."""
         return {name: sha256_file(self.path / name) for name in names}
+
+    def file_stats(self, names: tuple[str, ...] = ID_FILES) -> tuple:
+        """(inode, size, mtime) of each named file, None if absent: changes when a file is replaced.
+
+        A cheap identity for per-process caches; hashing would read the files on every lookup.
+        """
+        stats = []
+        for name in names:
+            try:
+                info = (self.path / name).stat()
+                stats.append((info.st_ino, info.st_size, info.st_mtime_ns))
+            except FileNotFoundError:
+                stats.append(None)
+        return tuple(stats)
 
     def same_vocab(self, other_dir: Path) -> bool:
         """True when `other_dir` holds a byte-identical vocab.txt (a model folder made with this one)."""

@@ -7,7 +7,6 @@ a folder that `AutoTokenizer.from_pretrained` loads offline as `BertJapaneseToke
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -18,23 +17,17 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from tinyplm_lib.errors import ConfigError, InputError
-from tinyplm_lib.files import sha256_file
-from tinyplm_lib.parallel import WorkerPool, map_in_order, resolve_workers
-from tinyplm_lib.tokens.encoding import (
-    CONFIG_FILE,
-    MISSING_HINT,
-    UNK_TOKEN,
-    VOCAB_FILE,
-    WORDPIECE_FILE,
-    worker_segmenter,
-)
+from tinyplm_lib.files import AtomicTextWriter, json_text
+from tinyplm_lib.layout import TOKENIZER_CONFIG_FILE, TOKENIZER_INFO_FILE, VOCAB_FILE
+from tinyplm_lib.parallel import WorkerPool, map_in_order, pool_or_own, resolve_workers
+from tinyplm_lib.tokens.encoding import worker_segmenter
+from tinyplm_lib.tokens.folder import SPECIAL_TOKENS, UNK_TOKEN, TokenizerFolder
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-INFO_FILE = "tinyplm_tokenizer.json"
 MAX_VOCAB_SIZE = 65536  # token shards store ids as uint16
 SEGMENT_CHUNK_LINES = 2000  # lines per pool task: large enough that pickling is a small overhead
 
@@ -104,20 +97,16 @@ def sample_sentences(corpus_path: Path, out_path: Path, sample_size: int, seed: 
                     lines[slot] = line
                     line_numbers[slot] = line_number
             seen += 1
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with open(tmp, "wb") as out:
-            for slot in np.argsort(np.frombuffer(line_numbers, dtype=np.int64), kind="stable").tolist():
-                try:
-                    lines[slot].decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise InputError(corpus_path, f"not UTF-8 ({exc.reason})",
-                                     line=line_numbers[slot]) from None
-                out.write(lines[slot] + b"\n")
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    order = np.argsort(np.frombuffer(line_numbers, dtype=np.int64), kind="stable").tolist()
+    # Checked before the writer opens, so a corpus that is not UTF-8 leaves an older sample intact.
+    for slot in order:
+        try:
+            lines[slot].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(corpus_path, f"not UTF-8 ({exc.reason})", line=line_numbers[slot]) from None
+    with AtomicTextWriter(out_path) as out:
+        for slot in order:
+            out.write_line(lines[slot].decode("utf-8"))
     return len(lines)
 
 
@@ -130,8 +119,16 @@ def _segment_chunk(lines: list[str]) -> list[str]:
     return [segmenter.segment(line) for line in lines]
 
 
-def _segment_chunk_with_counts(lines: list[str]) -> tuple[list[str], Counter, set[str]]:
-    """Segmented lines, their character counts and the characters seen after a word's first.
+class SegmentedChunk(NamedTuple):
+    """What a pool worker returns for one chunk of the training sample."""
+
+    lines: list[str]  # each input line's words joined by spaces ("" when it holds none)
+    char_counts: Counter  # occurrences of every character but the space
+    non_initial: set[str]  # characters seen after a word's first: they get a `##` form
+
+
+def _segment_chunk_with_counts(lines: list[str]) -> SegmentedChunk:
+    """Pool task: segment a chunk and count its characters.
 
     Counted in the worker: in the parent these counts cost a third of the MeCab time (0.33 s
     against 0.99 s for 20,000 real lines), enough to starve a large pool.
@@ -140,7 +137,7 @@ def _segment_chunk_with_counts(lines: list[str]) -> tuple[list[str], Counter, se
     text = " ".join(words for words in segmented if words)
     counts = Counter(text)
     counts.pop(" ", None)
-    return segmented, counts, set(_WORD_START.sub("", text))
+    return SegmentedChunk(segmented, counts, set(_WORD_START.sub("", text)))
 
 
 def _chunked(lines: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -168,38 +165,42 @@ def segment_lines(lines: Iterable[str], workers: int | None = 1,
         yield from segmented
 
 
-def _read_sample(sample_path: Path, stats: dict) -> Iterator[str]:
-    with open(sample_path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-            except UnicodeDecodeError as exc:
-                raise InputError(sample_path, f"not UTF-8 ({exc.reason})", line=line_number) from None
-            stats["lines"] += 1
-            stats["chars"] += len(line)
-            yield line
-
-
 class _SegmentedSample:
     """The segmented sample, on disk for the trainer, with what a deterministic run needs."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.words = 0
+        self.lines = self.chars = self.words = 0
+        self.seconds = 0.0
         self.char_counts: Counter[str] = Counter()
         self.non_initial: set[str] = set()
 
-    def write(self, lines: Iterable[str], workers: int, pool: WorkerPool | None) -> None:
-        chunks = _chunked(lines, SEGMENT_CHUNK_LINES)
-        results = map_in_order(_segment_chunk_with_counts, chunks, workers=workers, pool=pool)
+    def write(self, sample_path: Path, pool: WorkerPool) -> None:
+        """Segment every line of `sample_path` on `pool` into `self.path`, counting as it goes."""
+        started = time.perf_counter()
+        chunks = _chunked(self._read(sample_path), SEGMENT_CHUNK_LINES)
         with open(self.path, "w", encoding="utf-8") as out:
-            for segmented, counts, non_initial in results:
-                for words in segmented:
+            for chunk in pool.map_in_order(_segment_chunk_with_counts, chunks):
+                for words in chunk.lines:
                     if words:
                         out.write(words + "\n")
                         self.words += words.count(" ") + 1
-                self.char_counts.update(counts)
-                self.non_initial.update(non_initial)
+                self.char_counts.update(chunk.char_counts)
+                self.non_initial.update(chunk.non_initial)
+        self.seconds = round(time.perf_counter() - started, 3)
+        if self.words == 0:
+            raise InputError(sample_path, "the training sample holds no words")
+
+    def _read(self, sample_path: Path) -> Iterator[str]:
+        with open(sample_path, "rb") as handle:
+            for line_number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as exc:
+                    raise InputError(sample_path, f"not UTF-8 ({exc.reason})", line=line_number) from None
+                self.lines += 1
+                self.chars += len(line)
+                yield line
 
     def alphabet(self, limit: int) -> list[str]:
         """The `limit` most frequent characters, ties broken by code point, in code point order."""
@@ -265,72 +266,79 @@ def train_tokenizer(sample_path: Path, out_dir: Path, settings: TokenizerSetting
     The folder is built beside `out_dir` and renamed into place; the same sample and settings
     give byte-identical files. Returns counts and timings.
     """
-    from transformers import BertJapaneseTokenizer
-
     settings.validate()
-    workers = pool.workers if pool is not None else resolve_workers(workers)
     sample_path, out_dir = Path(sample_path), Path(out_dir)
-    if not sample_path.is_file():
-        raise InputError(sample_path, "training sample not found")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    build = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    if build.exists():
-        shutil.rmtree(build)
-    build.mkdir()
-    try:
+    # A pool made here closes once MeCab is done, before the Rust trainer starts its threads.
+    with pool_or_own(pool, workers) as segment_pool:
+        if not sample_path.is_file():
+            raise InputError(sample_path, "training sample not found")
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        build = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+        if build.exists():
+            shutil.rmtree(build)
+        build.mkdir()
         # MeCab runs once, in the pool; its output waits on disk (about 3 bytes per character)
         # while the Rust trainer reads it back with its own threads.
-        stats = {"lines": 0, "chars": 0}
         sample = _SegmentedSample(build / "segmented.txt")
+        try:
+            sample.write(sample_path, segment_pool)
+        except BaseException:
+            shutil.rmtree(build, ignore_errors=True)
+            raise
+    try:
         started = time.perf_counter()
-        sample.write(_read_sample(sample_path, stats), workers, pool)
-        segmented_at = time.perf_counter()
-        if sample.words == 0:
-            raise InputError(sample_path, "the training sample holds no words")
         tokens = _train_deterministic(sample, settings)
-        finished = time.perf_counter()
+        train_seconds = round(time.perf_counter() - started, 3)
         sample.path.unlink()
-
-        specials = settings.all_special_tokens()
-        (build / VOCAB_FILE).write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
-        fast = _new_wordpiece({t: i for i, t in enumerate(tokens)})
-        fast.add_special_tokens(specials)
-        fast.save(str(build / WORDPIECE_FILE))
-        hf_tokenizer = BertJapaneseTokenizer(
-            str(build / VOCAB_FILE), do_lower_case=False, word_tokenizer_type="mecab",
-            subword_tokenizer_type="wordpiece", mecab_kwargs={"mecab_dic": "unidic_lite"},
-            model_max_length=settings.model_max_length,
-            # As extra special tokens the unused slots are protected from MeCab like [MASK] is.
-            extra_special_tokens=specials[len(SPECIAL_TOKENS):],
-        )
-        hf_tokenizer.save_pretrained(str(build))
-        info = {
-            "settings": asdict(settings),
-            "vocab_size": len(tokens),
-            "requested_vocab_size": settings.vocab_size,
-            "alphabet_size": sum(1 for t in tokens[len(specials):] if len(t) == 1),
-            "continuation_tokens": sum(t.startswith("##") for t in tokens),
-            "sample_lines": stats["lines"],
-            "sample_chars": stats["chars"],
-            "sample_words": sample.words,
-            "distinct_chars": len(sample.char_counts),
-            "files_sha256": {p.name: sha256_file(p) for p in sorted(build.iterdir()) if p.is_file()},
-        }
-        # Only deterministic fields go to disk, so two identical trainings give identical folders.
-        info_text = json.dumps(info, indent=1, ensure_ascii=False) + "\n"
-        (build / INFO_FILE).write_text(info_text, encoding="utf-8")
+        info = _write_folder(build, tokens, sample, settings)
         _replace_dir(build, out_dir)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
-    return {**info, "segment_seconds": round(segmented_at - started, 3),
-            "train_seconds": round(finished - segmented_at, 3), "workers": workers}
+    return {**info, "segment_seconds": sample.seconds, "train_seconds": train_seconds,
+            "workers": segment_pool.workers}
+
+
+def _write_folder(build: Path, tokens: list[str], sample: _SegmentedSample,
+                  settings: TokenizerSettings) -> dict:
+    """Write the tokenizer's files into the `build` folder; returns what tinyplm_tokenizer.json holds."""
+    from transformers import BertJapaneseTokenizer
+
+    specials = settings.all_special_tokens()
+    (build / VOCAB_FILE).write_text("".join(t + "\n" for t in tokens), encoding="utf-8")
+    folder = TokenizerFolder(build)
+    fast = _new_wordpiece({t: i for i, t in enumerate(tokens)})
+    fast.add_special_tokens(specials)
+    fast.save(str(folder.wordpiece_path))
+    hf_tokenizer = BertJapaneseTokenizer(
+        str(folder.vocab_path), do_lower_case=False, word_tokenizer_type="mecab",
+        subword_tokenizer_type="wordpiece", mecab_kwargs={"mecab_dic": "unidic_lite"},
+        model_max_length=settings.model_max_length,
+        # As extra special tokens the unused slots are protected from MeCab like [MASK] is.
+        extra_special_tokens=specials[len(SPECIAL_TOKENS):],
+    )
+    hf_tokenizer.save_pretrained(str(build))
+    info = {
+        "settings": asdict(settings),
+        "vocab_size": len(tokens),
+        "requested_vocab_size": settings.vocab_size,
+        "alphabet_size": sum(1 for t in tokens[len(specials):] if len(t) == 1),
+        "continuation_tokens": sum(t.startswith("##") for t in tokens),
+        "sample_lines": sample.lines,
+        "sample_chars": sample.chars,
+        "sample_words": sample.words,
+        "distinct_chars": len(sample.char_counts),
+        "files_sha256": folder.file_hashes(tuple(p.name for p in sorted(build.iterdir()) if p.is_file())),
+    }
+    # Only deterministic fields go to disk, so two identical trainings give identical folders.
+    (build / TOKENIZER_INFO_FILE).write_text(json_text(info, indent=1, ensure_ascii=False), encoding="utf-8")
+    return info
 
 
 def _replace_dir(build: Path, out_dir: Path) -> None:
     """Move the finished folder into place, replacing an earlier tokenizer folder only."""
     if out_dir.exists():
-        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / CONFIG_FILE).exists()):
+        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / TOKENIZER_CONFIG_FILE).exists()):
             raise InputError(out_dir, "exists and is not a tokenizer folder; refusing to replace it")
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         os.replace(out_dir, old)
@@ -344,7 +352,6 @@ def load_tokenizer(tokenizer_dir: Path):
     """The saved folder as a `BertJapaneseTokenizer`, offline (no Hub lookup for a local path)."""
     from transformers import AutoTokenizer
 
-    tokenizer_dir = Path(tokenizer_dir)
-    if not (tokenizer_dir / CONFIG_FILE).is_file():
-        raise InputError(tokenizer_dir / CONFIG_FILE, MISSING_HINT)
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    folder = TokenizerFolder(tokenizer_dir)
+    folder.require((TOKENIZER_CONFIG_FILE,))
+    return AutoTokenizer.from_pretrained(str(folder.path))
