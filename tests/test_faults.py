@@ -1,4 +1,4 @@
-"""Every scenario of bench/faults.py as a test, plus the bench's command line and its JSON report.
+"""Every scenario of bench/faults/ as a test, plus the bench's command line and its JSON report.
 
 Scenarios start real servers on 127.0.0.1 (HTTP, moto_server, a TCP proxy) and real child
 processes killed with SIGKILL; a failing one shows its detail. The step scenarios (corpus, shards,
@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))  # `bench` is a folder of the repository, not an installed package
 
 from bench import faults  # noqa: E402
-from bench.faults_lab import Lab, Run  # noqa: E402
+from bench.faults import Lab, Run  # noqa: E402
 
 REPORT_KEYS = {"scenarios", "passed", "failed", "data_lost", "seconds", "python", "platform", "results"}
 RESULT_KEYS = {"name", "category", "summary", "passed", "data_lost", "seconds", "detail"}
