@@ -2,20 +2,9 @@
 
     python -m bench.train --web FILE.txt.xz --wiki FILE.json.gz --seconds 120 --json OUT.json
 
-Both runs train the same BertConfig (default `configs/model/bert-tiny-custom.json`, 13M
-parameters) on the same cc100-style text with the same learning rate, schedule and batch size:
-
-- baseline, as `run_mlm.py --line_by_line` does it: one line per sequence tokenised by
-  `BertJapaneseTokenizer` (done up front, untimed, as run_mlm's preprocessing), dynamic padding,
-  `DataCollatorForLanguageModeling`, HF `Trainer`, fp32, vocabulary logits at every position;
-- ours: `tinyplm_lib.training.stage.train_stage` on packed token shards, logits at masked positions
-  only, bf16 autocast where the device has it, DataLoader workers.
-
-Each run stops after `--seconds` of training; both final models are then evaluated with the same
-fixed masks on the same held-out validation sequences (fp32). `tokens_per_s` counts non-padding
-tokens. Preparation (corpora, tokenizer, shards, baseline token ids) needs MeCab and is cached in
-`--work`; `--prepare-only` stops after it, so a GPU box without MeCab can run the rest from a
-copied work folder (`--work DIR` without `--web/--wiki`).
+The same BertConfig, data and schedule, trained for `--seconds` each: as run_mlm.py --line_by_line
+does it (HF Trainer, fp32) and ours (train_stage on packed shards); both evaluated on the same
+held-out sequences with the same masks. bench/README.md describes each path and the JSON.
 """
 
 from __future__ import annotations
@@ -30,8 +19,9 @@ import numpy as np
 import torch
 
 from tinyplm_lib.training.distributed import pick_device
+from tinyplm_lib.training.model import build_model, evaluate, masking_spec
 from tinyplm_lib.training.packing import PackedSequences
-from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, build_model, evaluate, masking_spec, train_stage
+from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_ARGS = {"per_device_eval_batch_size": 64, "lr_scheduler_type": "constant_with_warmup",
@@ -43,7 +33,7 @@ def prepare(web: Path, wiki: Path, work: Path, *, max_lines: int, vocab_size: in
     """Corpora, tokenizer, our shards and the baseline's token ids, cached under `work`."""
     from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
     from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
-    from tinyplm_lib.tokens.shards import encode_corpus
+    from tinyplm_lib.tokens.shard_writer import encode_corpus
     from tinyplm_lib.tokens.tokenizer import TokenizerSettings, load_tokenizer, train_tokenizer
 
     work.mkdir(parents=True, exist_ok=True)

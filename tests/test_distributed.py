@@ -21,7 +21,7 @@ import pytest
 from tinyplm_lib.training.distributed import loopback_env, torchrun_command
 from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, train_stage
 
-from test_training import ARGS, MODEL, data  # noqa: F401  (the module fixture)
+from test_training import ARGS, MODEL
 
 pytestmark = pytest.mark.slow
 

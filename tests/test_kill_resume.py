@@ -19,7 +19,7 @@ import pytest
 
 from tinyplm_lib.training.checkpoints import LocalCheckpointSink
 
-from test_training import ARGS, MODEL, data  # noqa: F401  (the module fixture)
+from test_training import ARGS, MODEL
 
 pytestmark = pytest.mark.slow
 

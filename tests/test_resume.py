@@ -16,11 +16,11 @@ from transformers import get_scheduler
 from tinyplm_lib.errors import ConfigError, StorageError
 from tinyplm_lib.layout import MANIFEST_FILE
 from tinyplm_lib.store.artifacts import build_manifest, write_manifest
-from tinyplm_lib.training import stage as training
+from tinyplm_lib.training import loop, state
 from tinyplm_lib.training.checkpoints import LocalCheckpointSink, read_checkpoint, restore_checkpoint, write_checkpoint
 from tinyplm_lib.training.stage import StageOptions, train_stage
 
-from test_training import ARGS, MODEL, data  # noqa: F401  (`data` is the module fixture)
+from test_training import ARGS, MODEL
 
 CRASH_AT = 27
 # Logging every 7 steps, evaluating every 15 and saving every 10 leaves running-loss sums and
@@ -248,22 +248,32 @@ def test_local_sink_keeps_the_newest_complete_checkpoints(tmp_path):
         LocalCheckpointSink(tmp_path, keep=0)
 
 
+def _reads_training_arguments(node: ast.AST) -> bool:
+    """`args.x` or `<anything>.args.x`: a TrainingArguments field read."""
+    value = getattr(node, "value", None)
+    return isinstance(node, ast.Attribute) and (
+        (isinstance(value, ast.Name) and value.id == "args")
+        or (isinstance(value, ast.Attribute) and value.attr == "args"))
+
+
 def test_fingerprint_lists_every_setting_the_loop_reads():
-    # A field the loop reads but the fingerprint omits would let a changed setting resume silently.
-    tree = ast.parse(Path(training.__file__).read_text(encoding="utf-8"))
-    read = {node.attr for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "args"}
+    # A field the stage reads but the fingerprint omits would let a changed setting resume silently.
+    # Every module of the training package counts: the phases read the arguments in several.
+    read = set()
+    for path in sorted(Path(state.__file__).parent.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        read |= {node.attr for node in ast.walk(tree) if _reads_training_arguments(node)}
     harmless = {"save_strategy", "save_steps", "get_warmup_steps", "to_json_string"}
-    assert read - harmless <= set(training._RESULT_FIELDS), read - harmless - set(training._RESULT_FIELDS)
-    assert "learning_rate" in read
+    assert read - harmless <= set(state._RESULT_FIELDS), read - harmless - set(state._RESULT_FIELDS)
+    assert {"learning_rate", "max_grad_norm", "logging_steps", "per_device_eval_batch_size"} <= read
 
 
 def test_save_interval_accepts_a_fraction_of_the_run():
-    assert training._interval(10, 40) == 10
-    assert training._interval(0.25, 40) == 10
-    assert training._interval(0.1, 300) == 30  # 0.1 * 300 is 30.000000000000004 in floating point
-    assert training._interval(0.001, 40) == 1
-    assert training._interval(0, 40) == 0 and training._interval(None, 40) == 0
+    assert loop._interval(10, 40) == 10
+    assert loop._interval(0.25, 40) == 10
+    assert loop._interval(0.1, 300) == 30  # 0.1 * 300 is 30.000000000000004 in floating point
+    assert loop._interval(0.001, 40) == 1
+    assert loop._interval(0, 40) == 0 and loop._interval(None, 40) == 0
 
 
 def test_checkpoints_in_an_s3_bucket_resume_on_another_machine(data, reference, tmp_path):  # noqa: F811

@@ -1,6 +1,6 @@
 """Training one stage from the library: folder contract, metrics, stage 2 from stage 1, bad settings.
 
-Checkpoints and resuming are in test_resume.py, which reuses the `data` fixture below.
+Checkpoints and resuming are in test_resume.py; both train on conftest's session fixture `data`.
 """
 
 from __future__ import annotations
@@ -10,29 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from tinyplm_lib.corpora.jawiki import JawikiSettings, build_jawiki_corpus
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.tokens.shards import encode_corpus
-from tinyplm_lib.tokens.tokenizer import TokenizerSettings, train_tokenizer
-from tinyplm_lib.training.stage import StageOptions, load_training_arguments, train_stage
+from tinyplm_lib.training.arguments import load_training_arguments
+from tinyplm_lib.training.stage import StageOptions, train_stage
 
-from conftest import DEMO_DIR, REPO_ROOT
+from conftest import REPO_ROOT
 
 MODEL = REPO_ROOT / "configs" / "model" / "bert-demo.json"
 ARGS = REPO_ROOT / "configs" / "train" / "demo-stage1.json"
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """Demo JaWiki → corpus → tokenizer → shards, built with the library alone."""
-    root = tmp_path_factory.mktemp("training")
-    build_jawiki_corpus(DEMO_DIR / "demo-jawiki-cirrussearch.json.gz", root / "train.txt",
-                        root / "validation.txt", JawikiSettings(validation_fraction=0.15))
-    train_tokenizer(root / "train.txt", root / "tok",
-                    TokenizerSettings(vocab_size=2000, limit_alphabet=1500, model_max_length=64))
-    for split in ("train", "validation"):
-        encode_corpus(root / f"{split}.txt", root / "tok", root / "shards" / split)
-    return root
 
 
 def _train(data: Path, out: Path, **kwargs) -> dict:
@@ -150,7 +135,7 @@ def test_masked_only_projection_gives_the_full_head_loss():
     import torch
     from transformers import BertConfig, BertForMaskedLM
 
-    from tinyplm_lib.training.stage import masked_predictions
+    from tinyplm_lib.training.model import masked_predictions
 
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(vocab_size=300, hidden_size=32, num_hidden_layers=2,

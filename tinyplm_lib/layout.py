@@ -29,3 +29,7 @@ MODEL_WEIGHTS_FILE = "model.safetensors"
 METRICS_FILE = "metrics.json"
 TRAINING_SETTINGS_FILE = "training_settings.json"
 LOSS_CURVE_FILE = "loss_curve.png"
+TENSORBOARD_DIR = "tensorboard"  # the event files of training.curves.write_tensorboard
+# Inside a model folder while it trains (removed before it is published): checkpoint scratch and
+# TrainingArguments' output_dir.
+TRAINER_DIR = "trainer"

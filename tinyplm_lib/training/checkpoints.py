@@ -1,16 +1,14 @@
-"""Resumable training checkpoints: written, read back and kept without a single pickle.
-
-A checkpoint is a directory: `model.safetensors` (weights), `trainer.safetensors` + `trainer.json`
-(optimizer, scheduler, grad-scaler and RNG state: the tensors, and everything else as JSON),
-`state.json` (progress and settings fingerprint) and, written last, the storage `_manifest.json`
-(size and sha256 of every file), so a half-written or damaged checkpoint is never resumed from.
+"""Resumable training checkpoints, without a single pickle: a directory of `model.safetensors`,
+`trainer.safetensors` + `trainer.json` (optimizer, scheduler, grad-scaler and RNG state: the tensors,
+and everything else as JSON), `state.json` (`state.TrainingState`: progress, settings fingerprint)
+and, written last, the storage `_manifest.json` (size and sha256 of every file), so a half-written
+or damaged checkpoint is never resumed from.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -24,7 +22,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from tinyplm_lib.errors import ConfigError, StorageError
-from tinyplm_lib.layout import MANIFEST_FILE
+from tinyplm_lib.files import atomic_write_json, fsync_file
+from tinyplm_lib.layout import MANIFEST_FILE, MODEL_WEIGHTS_FILE
 from tinyplm_lib.store.artifacts import (
     ArtifactStore,
     LocalArtifactStore,
@@ -35,7 +34,7 @@ from tinyplm_lib.store.artifacts import (
 )
 
 FORMAT_VERSION = 1
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = MODEL_WEIGHTS_FILE  # named as in a model folder
 TRAINER_TENSORS_FILE = "trainer.safetensors"
 TRAINER_JSON_FILE = "trainer.json"
 STATE_FILE = "state.json"
@@ -132,10 +131,12 @@ def write_checkpoint(directory: Path, *, model, optimizer, scheduler, scaler, st
     tree = _to_json_tree({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "scaler": scaler.state_dict(), "rng": _capture_rng()}, "", tensors)
     save_file(tensors, str(directory / TRAINER_TENSORS_FILE))
-    _write_json(directory / TRAINER_JSON_FILE, tree)
-    _write_json(directory / STATE_FILE, {**state, "format_version": FORMAT_VERSION})
+    # Floats are written as Python's shortest round-trip repr, so losses and learning rates come
+    # back bit for bit.
+    atomic_write_json(directory / TRAINER_JSON_FILE, tree, indent=1)
+    atomic_write_json(directory / STATE_FILE, {**state, "format_version": FORMAT_VERSION}, indent=1)
     for name in (MODEL_FILE, TRAINER_TENSORS_FILE):
-        _fsync(directory / name)
+        fsync_file(directory / name)
     write_manifest(directory, build_manifest(directory))  # last: its presence means complete
 
 
@@ -339,18 +340,3 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise StorageError(f"{path}: unreadable JSON ({exc})") from exc
-
-
-def _write_json(path: Path, value) -> None:
-    # Floats are written as Python's shortest round-trip repr, so losses and learning rates come
-    # back bit for bit.
-    path.write_text(json.dumps(value, indent=1) + "\n", encoding="utf-8")
-    _fsync(path)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

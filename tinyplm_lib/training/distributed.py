@@ -1,16 +1,8 @@
 """Data-parallel training across processes: the rank's place in the world and its device.
 
-A stage runs as one process (`single()`) or as one of `torchrun`'s processes (`from_env()`, which
-reads the RANK / WORLD_SIZE / LOCAL_RANK variables torchrun sets and joins the process group: NCCL
-on GPUs, gloo on CPUs). `torchrun_command()` builds the launch command for one machine.
-
-The contract a multi-process run keeps: `per_device_train_batch_size` is per process, as in Hugging
-Face, so an optimizer step sees `batch × processes × gradient_accumulation_steps` sequences. Every
-process draws the same *global* micro-batch (the one a single process with the larger batch would
-draw, masked the same way) and trains on its own slice of it, with the loss normalised by the
-global number of masked tokens; so, dropout aside, N processes compute the same updates as one
-process with an N-times larger batch. Rank 0 alone evaluates, saves checkpoints and writes the
-model folder.
+A stage runs as one process (`single()`) or as one of `torchrun`'s processes (`from_env()`: reads
+RANK / WORLD_SIZE / LOCAL_RANK and joins the process group, NCCL on GPUs, gloo on CPUs);
+`torchrun_command()` builds the launch command for one machine. The contract below the imports.
 """
 
 from __future__ import annotations
@@ -27,6 +19,14 @@ import torch
 import torch.distributed as torch_dist
 
 from tinyplm_lib.errors import ConfigError
+
+# The contract a multi-process run keeps: `per_device_train_batch_size` is per process, as in Hugging
+# Face, so an optimizer step sees `batch × processes × gradient_accumulation_steps` sequences. Every
+# process draws the same *global* micro-batch (the one a single process with the larger batch would
+# draw, masked the same way) and trains on its own slice of it, with the loss normalised by the
+# global number of masked tokens; so, dropout aside, N processes compute the same updates as one
+# process with an N-times larger batch. Rank 0 alone evaluates, saves checkpoints and writes the
+# model folder.
 
 
 @dataclass(frozen=True)

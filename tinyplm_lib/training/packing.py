@@ -1,10 +1,8 @@
 """Packed MLM sequences from token shards, and masking at batch time.
 
-A packed sequence is `[CLS] s1 [SEP] s2 [SEP] … [SEP]`: whole sentences are added greedily until
-the next one would not fit, so training pays for almost no padding (the original padded one
-sentence per sequence). Masking follows BERT: 15% of the non-special positions, of which 80%
-become `[MASK]`, 10% a random regular token and 10% stay unchanged; it is drawn per batch from a
-seeded generator, so a run (and its resumption) is reproducible.
+`[CLS] s1 [SEP] s2 [SEP] … [SEP]`: whole sentences packed greedily, almost no padding (the original
+padded one sentence per sequence). Masking follows BERT (15% of non-special positions: 80% `[MASK]`,
+10% random, 10% unchanged), drawn per batch from seeded generators: a resumed run is reproducible.
 """
 
 from __future__ import annotations
@@ -12,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -115,6 +114,18 @@ class PackedSequences(torch.utils.data.Dataset):
         return ids, attention
 
 
+class MicroBatch(NamedTuple):
+    """One process's slice of a global micro-batch, as a DataLoader worker hands it over."""
+
+    epoch: int
+    micro_index: int  # within the epoch
+    inputs: torch.Tensor  # masked token ids
+    labels: torch.Tensor  # IGNORE_INDEX off the mask
+    attention: torch.Tensor
+    global_masked: int  # masked tokens in the whole global micro-batch (the loss's divisor)
+    global_tokens: int  # its tokens, padding excluded
+
+
 class MicroBatches(torch.utils.data.Dataset):
     """The masked micro-batches of a run, from (start_epoch, start_micro) on, for one DataLoader.
 
@@ -146,7 +157,7 @@ class MicroBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, k: int):
+    def __getitem__(self, k: int) -> MicroBatch:
         flat = self.start_micro + k
         epoch, micro = self.start_epoch + flat // self.per_epoch, flat % self.per_epoch
         # Each rank builds and masks the whole global batch and keeps its rows: N times the host
@@ -160,8 +171,8 @@ class MicroBatches(torch.utils.data.Dataset):
         masked, tokens = int((labels != IGNORE_INDEX).sum()), int(attention.sum())
         if self.world > 1:
             rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-            inputs, labels, attention = inputs[rows].contiguous(), labels[rows].contiguous(), attention[rows].contiguous()
-        return epoch, micro, inputs, labels, attention, masked, tokens
+            inputs, labels, attention = (t[rows].contiguous() for t in (inputs, labels, attention))
+        return MicroBatch(epoch, micro, inputs, labels, attention, masked, tokens)
 
 
 @dataclass(frozen=True)
