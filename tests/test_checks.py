@@ -24,7 +24,14 @@ from tinyplm_assets.checks import StageCheckConfig, bert_stage1_cc100_loss_check
 from tinyplm_assets.definitions import defs
 from tinyplm_assets.resources import ArtifactIOManager, ArtifactStorage
 from tinyplm_lib.errors import InputError
-from tinyplm_lib.quality import binomial_sigmas, nonfinite_losses, scan_split
+from tinyplm_lib.quality import (
+    binomial_sigmas,
+    cc100_validation_draw,
+    check_split,
+    jawiki_validation_draw,
+    nonfinite_losses,
+    scan_split,
+)
 
 from conftest import REPO_ROOT
 
@@ -113,6 +120,33 @@ def test_binomial_sigmas():
     assert binomial_sigmas(19, 100, 0.1) == pytest.approx(3.0)
     assert binomial_sigmas(1, 100, 0.1) == pytest.approx(-3.0)
     assert binomial_sigmas(0, 10, 0.0) == 0.0 and binomial_sigmas(1, 10, 0.0) == math.inf
+
+
+def test_check_split_judges_counts_budget_draw_and_overlap(tmp_path):
+    (tmp_path / "train.txt").write_text("".join(f"訓練文{i}。\n" for i in range(4)) + "共有文。\n", encoding="utf-8")
+    (tmp_path / "validation.txt").write_text("検証文。\n共有文。\n", encoding="utf-8")
+    reported_validation = {"lines_validation": 3, "details.max_validation_lines": 1, "documents_validation": 2,
+                           "documents_train": 8, "details.validation_fraction": 0.1}
+    checks = check_split(tmp_path / "train.txt", tmp_path / "validation.txt", {"lines_train": 5},
+                         reported_validation, jawiki_validation_draw, max_overlap_fraction=0.0, max_sigmas=1.0)
+    assert checks.train_lines.passed
+    assert checks.train_lines.figures == {"lines": 5, "reported_lines": 5, "blank_lines": 0}
+    assert checks.validation_lines.problems == (
+        "2 lines on disk but 3 reported when it was built", "2 lines exceed the budget of 1",
+        "2 of 10 documents drawn for validation, 1.0 expected at fraction 0.1 (+1.1 sigmas, more than 1)")
+    assert checks.validation_lines.figures == {"lines": 2, "reported_lines": 3, "blank_lines": 0, "line_budget": 1,
+                                               "documents_drawn": 2, "documents_expected": 1.0, "draw_sigmas": 1.05}
+    assert checks.overlap.problems == (
+        "1 validation lines (50.00%) also occur in train, more than max_overlap_fraction 0.00%",)
+    assert checks.overlap.figures["overlap_lines"] == 1 and checks.scan.examples == ("共有文。",)
+    # cc100 counts its draw from other figures: their absence is named, not a crash.
+    checks = check_split(tmp_path / "train.txt", tmp_path / "validation.txt", {}, reported_validation,
+                         cc100_validation_draw, max_overlap_fraction=0.5, max_sigmas=5.0)
+    assert checks.train_lines.problems == ("the materialisation metadata has no lines_train to compare with",)
+    assert checks.train_lines.figures["reported_lines"] == -1
+    assert checks.validation_lines.problems[-1] == (
+        "the materialisation metadata has no 'details.documents_over_validation_budget' to check the draw with")
+    assert checks.overlap.passed
 
 
 def test_loss_checks_read_metrics_json_and_fail_on_nan(tmp_path):

@@ -3,7 +3,7 @@
 Four layers: Dagster's own run-config validation (unknown keys, wrong types), the run preflight
 (`tinyplm_assets/preflight.py`: every asset's values and the tokenizer/model vocab agreement, when
 the run's first step starts), the corpus builders (a validation budget the corpus cannot leave
-room for) and the training stage's own start (`tinyplm_lib/training/stage_checks.py`, against the real
+room for) and the training stage's own start (`tinyplm_lib/training/arguments.py`, against the real
 tokenizer, before a model is built or data read). A few seconds; nothing is trained.
 """
 
@@ -18,7 +18,7 @@ import yaml
 
 from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.training import stage as training
+from tinyplm_lib.training import prepare
 from tinyplm_lib.training.stage import StageOptions, train_stage
 
 from conftest import REPO_ROOT
@@ -153,15 +153,18 @@ def test_a_bad_training_setting_fails_the_first_step_of_a_run_before_any_downloa
         raise_on_error=False,
     )
     assert not result.success
-    # In one process resources start once per run: the run fails before its first step starts
-    # (with a process per step, as `dagster job execute` runs, each step fails as it starts).
-    events = {e.event_type for e in result.all_events}
-    assert DagsterEventType.STEP_START not in events and DagsterEventType.RESOURCE_INIT_FAILURE in events
-    (failure,) = [e for e in result.all_events if e.event_type == DagsterEventType.RESOURCE_INIT_FAILURE]
-    message = failure.event_specific_data.error.to_string()
-    assert "ops.bert_stage2_jawiki.config.max_seq_length" in message and "4096" in message
-    assert not (tmp_path / "home" / "artifacts").exists() or \
-        not any((tmp_path / "home" / "artifacts").iterdir())
+    # Every asset's first line is the preflight: the root steps (the downloads) start and fail
+    # at once; nothing downstream starts and nothing is downloaded or stored.
+    started = {e.step_key for e in result.all_events if e.event_type == DagsterEventType.STEP_START}
+    assert started and started <= {"cc100_ja_raw", "jawiki_raw"}
+    failures = result.get_step_failure_events()
+    assert {e.step_key for e in failures} == started
+    for failure in failures:
+        message = failure.event_specific_data.error.to_string()
+        assert "ConfigError" in message
+        assert "ops.bert_stage2_jawiki.config.max_seq_length" in message and "4096" in message
+    assert not result.get_asset_materialization_events()
+    assert not any(path.is_file() for path in (tmp_path / "home").rglob("*"))
 
 
 # --- the corpus builder: a validation budget larger than the corpus
@@ -217,7 +220,7 @@ def no_model(monkeypatch):
     """Building a model raises ModelBuilt: a check that passes reaches it, one that fails must not."""
     def build_model(*args, **kwargs):
         raise ModelBuilt()
-    monkeypatch.setattr(training, "build_model", build_model)
+    monkeypatch.setattr(prepare, "build_model", build_model)
 
 
 def _stage(tmp_path: Path, tokenizer_dir: Path, model_config: Path, **options) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import json
+import textwrap
 
 from dagster import AssetKey
 
@@ -65,3 +69,27 @@ def test_jobs_cover_the_graph():
     assert selected("pretrain_all") == ASSETS
     assert selected("train_models") == {"bert_stage1_cc100", "bert_stage2_jawiki"}
     assert selected("prepare_data") == ASSETS - {"bert_stage1_cc100", "bert_stage2_jawiki"}
+
+
+def test_every_asset_starts_with_the_run_preflight():
+    # The preflight is explicit (tinyplm_assets/preflight.py): an asset that skipped it would
+    # start its work with settings nobody checked.
+    for assets_def in defs.assets:
+        function = ast.parse(textwrap.dedent(inspect.getsource(assets_def.op.compute_fn.decorated_fn))).body[0]
+        body = function.body[1:] if ast.get_docstring(function) else function.body
+        assert ast.unparse(body[0]) == "check_run(context)", f"{assets_def.op.name} does not start with it"
+
+
+def test_a_training_stage_spec_crosses_to_the_torchrun_ranks_intact(tmp_path):
+    from tinyplm_assets.train_worker import StageSpec
+    from tinyplm_lib.training.stage import RuntimeOptions, StageOptions
+
+    options = StageOptions(model_config=tmp_path / "model.json", training_args=tmp_path / "args.json",
+                           init_from=tmp_path / "stage1", overrides={"max_steps": 8})
+    spec = StageSpec(tmp_path / "train", tmp_path / "validation", tmp_path / "tok", tmp_path / "out", options,
+                     RuntimeOptions(precision="fp32", dataloader_workers=0), "checkpoints/bert_stage1_cc100",
+                     storage={"home": str(tmp_path), "s3_bucket": None}, launcher_pid=4321)
+    assert StageSpec.from_json(spec.to_json()) == spec
+    in_process = dataclasses.replace(spec, storage=None, launcher_pid=None,
+                                     options=dataclasses.replace(options, init_from=None))
+    assert StageSpec.from_json(in_process.to_json()) == in_process

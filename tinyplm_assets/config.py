@@ -1,14 +1,12 @@
-"""Run-config classes: Dagster's view of the library's settings dataclasses.
+"""Run-config classes: Dagster's view of the library's settings dataclasses (one source of defaults).
 
-Defaults are read from the library dataclasses (one source of defaults); `to_settings()` converts
-to them, and the library's `validate()` rejects out-of-range values before any expensive work.
-Relative paths (config files, `file://` URLs) resolve against the current directory first, then
-the project root, so the commands work from the repository and from a packaged code location.
+`to_settings()` / `to_options()` convert to the library's types, here and nowhere else; the library's
+`validate()` rejects out-of-range values. Relative paths (config files, `file://./` URLs) resolve
+against the current directory, then the project root.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 from urllib.parse import urlsplit
@@ -16,11 +14,12 @@ from urllib.parse import urlsplit
 from dagster import Config
 from pydantic import Field
 
-from tinyplm_assets.resources import PROJECT_ROOT
+from tinyplm_assets.environment import PROJECT_ROOT
 from tinyplm_lib.corpora.cc100 import Cc100Settings
 from tinyplm_lib.corpora.jawiki import JawikiSettings
 from tinyplm_lib.downloads.dumps import CIRRUSSEARCH_INDEX_URL
 from tinyplm_lib.errors import ConfigError
+from tinyplm_lib.parallel import available_cores
 from tinyplm_lib.tokens.tokenizer import TokenizerSettings
 from tinyplm_lib.training.distributed import default_processes
 from tinyplm_lib.training.stage import RuntimeOptions, StageOptions
@@ -50,7 +49,7 @@ def resolve_url(url: str) -> str:
 
 def worker_count(workers: int) -> int:
     """0 means every core this process may use."""
-    return workers if workers > 0 else len(os.sched_getaffinity(0))
+    return workers if workers > 0 else available_cores()
 
 
 class DownloadConfig(Config):

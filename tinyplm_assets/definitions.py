@@ -1,4 +1,7 @@
-"""Assembles the code location: assets, their checks, jobs, resources. Nothing else happens here."""
+"""The code location (`dagster dev`, `-m tinyplm_assets.definitions`): assets, checks, jobs, resources.
+
+It only assembles; no other module of the package imports it, so they build no Definitions.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""Jobs: prepare the data, train the models (GPU-tagged), or run the whole pipeline."""
+"""Jobs: prepare the data, train the models (GPU-tagged), or run the whole pipeline.
+
+`dagster job execute -m tinyplm_assets.definitions -j pretrain_all -c configs/demo.yaml`
+"""
 
 from __future__ import annotations
 

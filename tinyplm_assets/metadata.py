@@ -1,5 +1,6 @@
-"""Materialisation metadata helpers: text samples, count tables, tokenisation samples and the
-links from an artifact to the exact artifacts it was made from, for the UI."""
+"""Materialisation metadata for the UI: text samples, count tables, tokenisation samples and the
+links from an artifact to the exact artifacts it was made from. Only formatting: the records come
+from the library (`tinyplm_lib.tokens.inspection`, the corpus stats, the manifests)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from dagster import AssetKey, MetadataValue
 
 from tinyplm_lib.store.artifacts import read_manifest
+from tinyplm_lib.tokens.inspection import shard_tokens, tokenisation_steps
 
 
 def text_sample(path: Path, lines: int = 5) -> MetadataValue:
@@ -72,18 +74,18 @@ def _code(token: str) -> str:
 def tokenisation_sample(tokenizer_dir: Path, sentences: list[str]) -> MetadataValue:
     """Each sentence through the saved tokenizer, step by step: MeCab words, WordPiece tokens,
     ids and the decoded text, as `AutoTokenizer.from_pretrained(folder)` gives them."""
-    from tinyplm_lib.tokens.encoding import MecabSegmenter
-    from tinyplm_lib.tokens.tokenizer import load_tokenizer
-
-    tokenizer, segmenter = load_tokenizer(tokenizer_dir), MecabSegmenter()
     parts = []
-    for number, sentence in enumerate(sentences, 1):
-        tokens = tokenizer.tokenize(sentence)
-        ids = tokenizer.convert_tokens_to_ids(tokens)
-        rows = [("MeCab words", " ".join(map(_code, segmenter.words(sentence)))),
-                ("WordPiece tokens", " ".join(map(_code, tokens))),
-                ("ids", " ".join(map(str, ids))),
-                ("decoded", tokenizer.decode(ids))]
+    for number, step in enumerate(tokenisation_steps(tokenizer_dir, sentences), 1):
+        rows = [("MeCab words", " ".join(map(_code, step.words))),
+                ("WordPiece tokens", " ".join(map(_code, step.tokens))),
+                ("ids", " ".join(map(str, step.ids))),
+                ("decoded", step.decoded)]
         table = "\n".join(f"| {name} | {_cell(value)} |" for name, value in rows)
-        parts.append(f"**{number}.** {_cell(sentence)}\n\n| step | result |\n|---|---|\n{table}")
+        parts.append(f"**{number}.** {_cell(step.sentence)}\n\n| step | result |\n|---|---|\n{table}")
     return MetadataValue.md("\n\n".join(parts) or "(no sentences)")
+
+
+def decoded_sample(shard_dir: Path, tokenizer_dir: Path, sentences: int = 3) -> MetadataValue:
+    """The first sentences of a shard as WordPiece tokens, to eyeball the segmentation."""
+    rows = [" ".join(tokens) for tokens in shard_tokens(shard_dir, tokenizer_dir, sentences)]
+    return MetadataValue.md("\n".join(f"- `{row}`" for row in rows))

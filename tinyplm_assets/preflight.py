@@ -1,12 +1,8 @@
-"""Whole-run config checks, made as a run's steps start and before any of them does work.
+"""Whole-run config checks, called explicitly: every asset's first line is `check_run(context)`.
 
-Dagster rejects unknown keys and wrong types before a run starts, but not a value out of range nor
-two assets' settings that disagree (the tokenizer's vocab_size and a model JSON's): those failed
-only when the step reading them ran, for the training steps after hours of preprocessing.
-`check_run_config` builds the Config of every asset in the run (from the run config, defaults
-for the rest), runs the library's validation and the cross-asset checks, reading only small
-files. `ArtifactStorage.setup_for_execution` runs it once per run and process, so the run's first
-step fails in milliseconds; errors name the run-config path of the setting.
+Dagster rejects unknown keys and wrong types; `check_run_config` rejects values out of range and
+assets that disagree (tokenizer vs model vocab_size), once per run and process, reading small files
+only: the run's first step fails in milliseconds with a ConfigError naming the run-config path.
 """
 
 from __future__ import annotations
@@ -15,6 +11,8 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from dagster import AssetExecutionContext
 
 from tinyplm_assets.config import (
     Cc100CorpusConfig,
@@ -28,8 +26,7 @@ from tinyplm_assets.config import (
 )
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.tokens.tokenizer import TokenizerSettings
-from tinyplm_lib.training.arguments import load_training_arguments
-from tinyplm_lib.training.stage_checks import check_stage_settings, check_vocab_setting
+from tinyplm_lib.training.arguments import check_stage_settings, check_vocab_setting, stage_arguments
 
 # The op that computes each asset: the corpus multi-assets write two assets from one op.
 OP_OF_ASSET = {"cc100_ja_train": "cc100_ja_corpus", "cc100_ja_validation": "cc100_ja_corpus",
@@ -65,13 +62,8 @@ def _token_shards(config: TokenShardsConfig) -> None:
 def _training_stage(config: TrainingStageConfig) -> None:
     options = config.to_options()  # resolves both JSON paths: a missing file is a ConfigError
     # TrainingArguments only checks its values here; nothing is written to output_dir.
-    args, extras = load_training_arguments(options.training_args,
-                                           Path(tempfile.gettempdir()) / "tinyplm-preflight",
-                                           options.overrides)
-    max_seq_length = options.max_seq_length or int(extras.get("max_seq_length", 128))
-    check_stage_settings(model_config=options.model_config, max_seq_length=max_seq_length,
-                         max_eval_sequences=options.max_eval_sequences,
-                         eval_batch_size=args.per_device_eval_batch_size)
+    arguments = stage_arguments(options, Path(tempfile.gettempdir()) / "tinyplm-preflight")
+    check_stage_settings(options, arguments)
     if config.runtime.precision not in _PRECISIONS:
         raise ConfigError("runtime.precision", f"{config.runtime.precision!r}: use {', '.join(_PRECISIONS)}")
     if config.runtime.dataloader_workers < 0:
@@ -124,31 +116,28 @@ def _named(op: str) -> Iterator[None]:
     except ConfigError as exc:
         if exc.setting.startswith("ops."):
             raise
-        raise ConfigError(f"ops.{op}.config.{exc.setting}", exc._message) from exc
+        raise ConfigError(f"ops.{op}.config.{exc.setting}", exc.reason) from exc
 
 
-def assets_in_run(dagster_run) -> set[str] | None:
-    """Names of the assets a run materialises; None when unknown (a job not in the definitions)."""
-    if dagster_run.asset_selection:
-        return {key.to_user_string() for key in dagster_run.asset_selection}
-    from tinyplm_assets.definitions import defs  # imported late: definitions imports resources
-
-    jobs = {job.name: job for job in defs.resolve_all_job_defs()}
-    job = jobs.get(dagster_run.job_name)
-    if job is None:
-        return None
-    return {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
+def assets_in_run(context: AssetExecutionContext) -> set[str]:
+    """Names of the assets the run of a step context materialises (its selection, or the whole job)."""
+    # The step's job is the run's job, subset to the run's asset selection: no need to import
+    # the definitions (which import every asset, and so this module).
+    return {key.to_user_string() for key in context.job_def.asset_layer.selected_asset_keys}
 
 
 _checked_runs: set[str] = set()
 
 
-def check_run(dagster_run) -> None:
-    """`check_run_config` for a run, once per run id in this process."""
-    if dagster_run.run_id in _checked_runs:
+def check_run(context: AssetExecutionContext) -> None:
+    """`check_run_config` for the run of an asset's step context, once per run id in this process.
+
+    Called explicitly as the first line of every asset (tests/test_definitions.py asserts it)
+    rather than from a resource's setup, so a reader of an asset sees it. The step's inputs are
+    loaded before its body runs: the run's first steps (downloads) have none, and a run started
+    further down fails after loading its inputs, still before any work.
+    """
+    if context.run_id in _checked_runs:
         return
-    assets = assets_in_run(dagster_run)
-    if assets is None:  # e.g. an ephemeral test job: check the ops its config names
-        assets = set((dagster_run.run_config.get("ops") or {}).keys())
-    check_run_config(dagster_run.run_config, assets)
-    _checked_runs.add(dagster_run.run_id)
+    check_run_config(context.run_config, assets_in_run(context))
+    _checked_runs.add(context.run_id)

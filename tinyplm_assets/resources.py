@@ -1,49 +1,23 @@
 """Resources: where artifacts live, and the IO manager that stores every asset value there.
 
-Environment variables are read here and nowhere else: `TINYPLM_HOME` (local root, default
-`<project>/.tinyplm`) and, to store on S3, `TINYPLM_S3_BUCKET`, `TINYPLM_S3_PREFIX`,
-`TINYPLM_S3_ENDPOINT_URL`, `TINYPLM_S3_REGION` (through `EnvVar`). Credentials are never part of
-the configuration: boto3 finds them itself (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile,
-an instance role). The IO manager stores directories, never pickles: an asset returns the path of
-a finished staging directory and downstream assets receive the verified stored path.
+Settings come from the environment through `tinyplm_assets.environment`; credentials never do
+(boto3 finds them itself). The IO manager stores directories, never pickles: an asset returns the
+path of a finished staging directory and downstream assets receive the verified stored path.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
-from dagster import (
-    ConfigurableIOManager,
-    ConfigurableResource,
-    EnvVar,
-    InitResourceContext,
-    InputContext,
-    MetadataValue,
-    OutputContext,
-)
+from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, MetadataValue, OutputContext
 from dagster_aws.s3 import S3Resource
 from pydantic import Field
 
+from tinyplm_assets.environment import default_home, s3_settings
 from tinyplm_assets.metadata import manifest_digest
 from tinyplm_lib.errors import StorageError
 from tinyplm_lib.store.artifacts import ArtifactStore, LocalArtifactStore, StoredArtifact, artifact_key
-
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def default_home() -> str:
-    return os.environ.get("TINYPLM_HOME", str(PROJECT_ROOT / ".tinyplm"))
-
-
-# Settings that switch storage to S3, by the environment variable that fills each.
-S3_SETTINGS_FROM_ENV = {
-    "s3_bucket": "TINYPLM_S3_BUCKET",
-    "s3_prefix": "TINYPLM_S3_PREFIX",
-    "s3_endpoint_url": "TINYPLM_S3_ENDPOINT_URL",
-    "s3_region": "TINYPLM_S3_REGION",
-}
 
 
 class ArtifactStorage(ConfigurableResource):
@@ -56,15 +30,6 @@ class ArtifactStorage(ConfigurableResource):
     s3_endpoint_url: Optional[str] = Field(default=None, description="S3-compatible endpoint (MinIO, …)")
     s3_region: Optional[str] = None
     s3_max_attempts: int = Field(default=5, description="attempts per S3 request before failing")
-
-    def setup_for_execution(self, context: InitResourceContext) -> None:
-        # Every asset uses this resource, so every step starts here: the whole run's config is
-        # checked before the first step does any work (tinyplm_assets/preflight.py), instead of a
-        # training setting failing after hours of preprocessing.
-        if context.dagster_run is not None:
-            from tinyplm_assets.preflight import check_run  # late: preflight imports config, config this
-
-            check_run(context.dagster_run)
 
     def store(self) -> ArtifactStore:
         root = self._root()
@@ -135,9 +100,6 @@ def _metadata(stored: StoredArtifact) -> dict:
 def storage_from_env(resolve: bool = False) -> ArtifactStorage:
     """The storage resource as the environment sets it: S3 when TINYPLM_S3_BUCKET is set.
 
-    In a code location the values stay `EnvVar`s (resolved per run, shown by name in the UI);
-    `resolve=True` reads them now, for plain scripts such as `tinyplm_assets.locate`.
+    `resolve=False` keeps `EnvVar`s (a code location); `resolve=True` reads them now (a script).
     """
-    settings = {field: os.environ[var] if resolve else EnvVar(var)
-                for field, var in S3_SETTINGS_FROM_ENV.items() if os.environ.get(var)}
-    return ArtifactStorage(**settings)
+    return ArtifactStorage(**s3_settings(resolve))

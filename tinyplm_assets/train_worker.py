@@ -1,36 +1,71 @@
-"""One torchrun process of a data-parallel training stage (`python -m tinyplm_assets.train_worker SPEC`).
+"""One torchrun process of a data-parallel training stage: `python -m tinyplm_assets.train_worker SPEC.json`.
 
-Launched by `tinyplm_assets.training_launch` through Dagster Pipes. Every rank reads the same
-JSON spec (paths, stage options, speed settings, where checkpoints go) and calls `train_stage`
-with its place in the process group. Rank 0 alone opens the Pipes session: its log lines appear
-in the Dagster run, and its final metrics come back as the materialisation's metadata. The other
-ranks print to stderr, which torchrun prefixes with their rank.
-
-This lives in `tinyplm_assets` and not in the library because it speaks Dagster Pipes.
+Started by `tinyplm_assets.training_launch`; every rank reads the same `StageSpec` and trains with
+its place in the process group. Rank 0 alone opens the Dagster Pipes session (its log lines and
+final metrics reach the run); the others print to stderr. In tinyplm_assets because it speaks Pipes.
 """
+
+from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
+import typing
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 from dagster_pipes import open_dagster_pipes
 
 from tinyplm_lib.training import distributed
+from tinyplm_lib.training.checkpoints import CheckpointSink, StoreCheckpointSink
 from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, train_stage
 
 
-def stage_spec(train_dir: Path, validation_dir: Path, tokenizer_dir: Path, out_dir: Path,
-               options: StageOptions, runtime: RuntimeOptions, storage: dict | None,
-               checkpoint_prefix: str | None, launcher_pid: int) -> dict:
-    """Everything a rank needs, as JSON (the storage resource's resolved fields, never credentials)."""
-    return {
-        "train_dir": str(train_dir), "validation_dir": str(validation_dir),
-        "tokenizer_dir": str(tokenizer_dir), "out_dir": str(out_dir),
-        "options": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()},
-        "runtime": asdict(runtime), "storage": storage, "checkpoint_prefix": checkpoint_prefix,
-        "launcher_pid": launcher_pid,
-    }
+@dataclass(frozen=True)
+class StageSpec:
+    """A training stage as one record: what the asset decided, carried to every rank as JSON."""
+
+    train_dir: Path
+    validation_dir: Path
+    tokenizer_dir: Path
+    out_dir: Path
+    options: StageOptions
+    runtime: RuntimeOptions
+    checkpoint_prefix: str
+    storage: dict | None = None  # the storage resource's resolved fields (never credentials)
+    launcher_pid: int | None = None  # under torchrun: the ranks exit when this process (the step) dies
+
+    def to_json(self) -> str:
+        return json.dumps(_plain(asdict(self)), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> StageSpec:
+        values = json.loads(text)
+        values["options"] = _restore(StageOptions, values["options"])
+        values["runtime"] = _restore(RuntimeOptions, values["runtime"])
+        return _restore(cls, values)
+
+
+def _plain(value):
+    """JSON-ready: Paths as strings, inside dicts too."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return str(value) if isinstance(value, Path) else value
+
+
+def _restore(cls: type, values: dict):
+    """`cls(**values)` with the strings of its Path fields (`Path` or `Path | None`) as Paths again."""
+    hints = typing.get_type_hints(cls)
+    paths = {f.name for f in fields(cls) if hints[f.name] is Path or Path in typing.get_args(hints[f.name])}
+    return cls(**{key: Path(value) if key in paths and isinstance(value, str) else value
+                  for key, value in values.items()})
+
+
+def train(spec: StageSpec, log: Callable[[str], None], checkpoints: CheckpointSink | None,
+          world: distributed.World | None = None) -> dict:
+    """The stage a spec describes, in this process (one rank of `world`, or alone)."""
+    return train_stage(spec.train_dir, spec.validation_dir, spec.tokenizer_dir, spec.out_dir, spec.options, log,
+                       checkpoints=checkpoints, runtime=spec.runtime, world=world)
 
 
 def reported_metadata(metrics: dict) -> dict:
@@ -39,37 +74,31 @@ def reported_metadata(metrics: dict) -> dict:
             if k != "history" and (isinstance(v, (int, float, str, bool)) or v is None) and v is not None}
 
 
-def _train(spec: dict, world: distributed.World, log) -> dict:
-    options = StageOptions(**{**spec["options"], **{
-        k: Path(v) for k, v in spec["options"].items() if k in ("model_config", "training_args", "init_from")
-        and v is not None}})
-    checkpoints = None
-    if spec["storage"] is not None:
-        # Imported here: the resource module pulls in dagster, which the ranks need only for this.
-        from tinyplm_assets.resources import ArtifactStorage
-        from tinyplm_lib.training.checkpoints import StoreCheckpointSink
+def _checkpoints(spec: StageSpec) -> CheckpointSink | None:
+    if spec.storage is None:
+        return None
+    # Imported here: the resource module pulls in dagster, which the ranks need only for this
+    # (never the definitions: tests/test_layering.py checks this module does not load them).
+    from tinyplm_assets.resources import ArtifactStorage
 
-        checkpoints = StoreCheckpointSink(ArtifactStorage(**spec["storage"]).store(), spec["checkpoint_prefix"])
-    return train_stage(Path(spec["train_dir"]), Path(spec["validation_dir"]), Path(spec["tokenizer_dir"]),
-                       Path(spec["out_dir"]), options, log, checkpoints=checkpoints,
-                       runtime=RuntimeOptions(**spec["runtime"]), world=world)
+    return StoreCheckpointSink(ArtifactStorage(**spec.storage).store(), spec.checkpoint_prefix)
 
 
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m tinyplm_assets.train_worker SPEC.json (started by torchrun)", file=sys.stderr)
         return 2
-    spec = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+    spec = StageSpec.from_json(Path(argv[0]).read_text(encoding="utf-8"))
     world = distributed.from_env()
     # Killed with the Dagster step (or torchrun's agent), not left training as orphans.
-    distributed.exit_with_parent(spec["launcher_pid"])
+    distributed.exit_with_parent(*(() if spec.launcher_pid is None else (spec.launcher_pid,)))
     try:
         if world.is_main:
             with open_dagster_pipes() as pipes:
-                metrics = _train(spec, world, pipes.log.info)
+                metrics = train(spec, pipes.log.info, _checkpoints(spec), world)
                 pipes.report_asset_materialization(metadata=reported_metadata(metrics))
         else:
-            _train(spec, world, lambda message: print(message, file=sys.stderr))
+            train(spec, lambda message: print(message, file=sys.stderr), _checkpoints(spec), world)
     finally:
         distributed.shutdown()
     return 0

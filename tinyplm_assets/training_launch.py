@@ -1,50 +1,48 @@
 """Run a training stage for an asset: in-process, or under torchrun through Dagster Pipes.
 
-With one process (one GPU, or a CPU) the stage trains inside the step, as any asset does. With
-more (`distributed.processes`, by default one per visible GPU when there are several) the step
-launches `python -m torch.distributed.run … -m tinyplm_assets.train_worker SPEC` with Dagster's
-`PipesSubprocessClient`: rank 0's log lines stream into the run and its final metrics come back
-as Pipes-reported metadata, which become the materialisation's metadata. Either way the model
-folder lands in the step's staging directory and is published by the IO manager, and checkpoints
-go to the same store, so a killed multi-process stage resumes like a single-process one.
+One process (one GPU, or a CPU) trains inside the step; more (`distributed.processes`) run
+`-m tinyplm_assets.train_worker SPEC` under torchrun via `PipesSubprocessClient`, rank 0 reporting
+logs and metrics. Either way the model lands in the step's staging folder, checkpoints in the store.
 """
 
-import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from dagster import AssetExecutionContext, PipesSubprocessClient
 
-from tinyplm_assets.config import TrainingStageConfig
+from tinyplm_assets.config import DistributedConfig, TrainingStageConfig
 from tinyplm_assets.resources import ArtifactStorage
-from tinyplm_assets.train_worker import stage_spec
+from tinyplm_assets.train_worker import StageSpec, train
+from tinyplm_lib.layout import TRAIN_DIR, VALIDATION_DIR
 from tinyplm_lib.store.artifacts import artifact_key
 from tinyplm_lib.training.checkpoints import StoreCheckpointSink
 from tinyplm_lib.training.distributed import loopback_env, torchrun_command
-from tinyplm_lib.training.stage import StageOptions, train_stage
 
 
 def run_stage(context: AssetExecutionContext, config: TrainingStageConfig, storage: ArtifactStorage,
-              asset_name: str, *, train_dir: Path, validation_dir: Path, tokenizer_dir: Path,
-              options: StageOptions) -> tuple[dict, Path]:
-    """Train into a fresh staging directory; return (metrics, that directory)."""
-    out_dir = storage.staging_dir(asset_name)
-    prefix = artifact_key(["checkpoints", asset_name])
-    runtime = config.runtime.to_options()
+              asset_name: str, *, tokens: Path, tokenizer: Path, init_from: Path | None = None) -> tuple[dict, Path]:
+    """Train on a token-shard folder into a fresh staging directory; return (metrics, that directory)."""
+    options, runtime = config.to_options(init_from), config.runtime.to_options()
     processes = config.distributed.resolve()
+    spec = StageSpec(train_dir=tokens / TRAIN_DIR, validation_dir=tokens / VALIDATION_DIR, tokenizer_dir=tokenizer,
+                     out_dir=storage.staging_dir(asset_name), options=options, runtime=runtime,
+                     checkpoint_prefix=artifact_key(["checkpoints", asset_name]))
     if processes <= 1:
-        metrics = train_stage(train_dir, validation_dir, tokenizer_dir, out_dir, options, log=context.log.info,
-                              checkpoints=StoreCheckpointSink(storage.store(), prefix), runtime=runtime)
-        return metrics, out_dir
+        metrics = train(spec, context.log.info, StoreCheckpointSink(storage.store(), spec.checkpoint_prefix))
+    else:
+        settings = {name: getattr(storage, name) for name in type(storage).model_fields}
+        spec = replace(spec, storage=settings, launcher_pid=os.getpid())
+        metrics = _torchrun(context, spec, config.distributed, processes)
+    return metrics, spec.out_dir
 
-    settings = {name: getattr(storage, name) for name in type(storage).model_fields}
-    spec = stage_spec(train_dir, validation_dir, tokenizer_dir, out_dir, options, runtime, settings, prefix,
-                      launcher_pid=os.getpid())
-    launch = config.distributed
+
+def _torchrun(context: AssetExecutionContext, spec: StageSpec, launch: DistributedConfig, processes: int) -> dict:
+    """Every rank reads `spec`; rank 0's Pipes-reported metadata are the stage's metrics."""
     with tempfile.TemporaryDirectory(prefix="tinyplm-torchrun-") as scratch:
         spec_path = Path(scratch) / "spec.json"
-        spec_path.write_text(json.dumps(spec, indent=1), encoding="utf-8")
+        spec_path.write_text(spec.to_json(), encoding="utf-8")
         command = torchrun_command(processes, ["-m", "tinyplm_assets.train_worker", str(spec_path)],
                                    master_addr=launch.master_addr, master_port=launch.master_port,
                                    extra_args=launch.torchrun_args)
@@ -52,5 +50,4 @@ def run_stage(context: AssetExecutionContext, config: TrainingStageConfig, stora
         reported = PipesSubprocessClient().run(
             command=command, context=context, env={**loopback_env(launch.master_addr), "PYTHONUNBUFFERED": "1"},
         ).get_materialize_result()
-    metrics = {key: value.value for key, value in (reported.metadata or {}).items()}
-    return metrics, out_dir
+    return {key: value.value for key, value in (reported.metadata or {}).items()}

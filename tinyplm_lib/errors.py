@@ -18,10 +18,10 @@ class InputError(TinyPLMError, ValueError):
         super().__init__(f"{where}: {message}")
         self.path = str(path)
         self.line = line
-        self._message = message
+        self.reason = message
 
     def __reduce__(self):  # rebuilt from its own arguments when it crosses a process boundary
-        return (type(self), (self.path, self._message, self.line))
+        return (type(self), (self.path, self.reason, self.line))
 
 
 class ConfigError(TinyPLMError, ValueError):
@@ -30,10 +30,10 @@ class ConfigError(TinyPLMError, ValueError):
     def __init__(self, setting: str, message: str) -> None:
         super().__init__(f"setting {setting!r}: {message}")
         self.setting = setting
-        self._message = message
+        self.reason = message
 
     def __reduce__(self):
-        return (type(self), (self.setting, self._message))
+        return (type(self), (self.setting, self.reason))
 
 
 class StorageError(TinyPLMError):

@@ -1,25 +1,25 @@
-"""Data and model quality measures behind the asset checks, usable from a notebook.
-
-`scan_split` counts a corpus split's lines and finds validation lines that also occur in train
-(64-bit hashes of the validation lines in memory, train streamed, so memory is ~8 bytes per
-validation line at any corpus size); `unknown_token_rate` encodes sentences with the fast
-encoder and counts `[UNK]`; `nonfinite_losses` lists every loss in a stage's metrics that is NaN
-or infinite; `binomial_sigmas` says how far a seeded split's draw is from its expected size.
+"""The numbers the asset checks report, computed here so a notebook gets the same: corpus splits
+(`check_split`: line counts, the validation draw in binomial sigmas, exact train overlap), the
+`[UNK]` rate of a tokenizer, and a training stage's losses (`nonfinite_losses`, `loss_gain`).
+The Dagster side (`tinyplm_assets/checks.py`) only turns them into check results.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from tinyplm_lib.errors import InputError
+from tinyplm_lib.layout import METRICS_FILE
 
 # Lines hashed per numpy lookup: large enough that np.isin's cost is amortised, small enough
 # that a chunk's digests stay a few MB.
@@ -187,3 +187,152 @@ def binomial_sigmas(successes: int, trials: int, probability: float) -> float:
     if variance == 0:
         return 0.0 if successes == expected else math.copysign(math.inf, successes - expected)
     return (successes - expected) / math.sqrt(variance)
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus splits: counts on disk against the counts reported, the draw, the overlap.
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One check's outcome: what is wrong (nothing when it passes) and the figures it reports."""
+
+    problems: tuple[str, ...]
+    figures: dict
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+
+class ValidationDraw(NamedTuple):
+    """Documents drawn for validation, documents that could be drawn, probability of a draw."""
+
+    drawn: int
+    documents: int
+    fraction: float
+
+
+def cc100_validation_draw(reported: Mapping) -> ValidationDraw:
+    # A drawn document that no longer fit the line budget went to train, counted apart.
+    return ValidationDraw(reported["documents_validation"] + reported["details.documents_over_validation_budget"],
+                          reported["documents_read"], reported["details.validation_doc_fraction"])
+
+
+def jawiki_validation_draw(reported: Mapping) -> ValidationDraw:
+    # JaWiki counts only articles with a sentence in the length range; others drop out before.
+    return ValidationDraw(reported["documents_validation"],
+                          reported["documents_train"] + reported["documents_validation"],
+                          reported["details.validation_fraction"])
+
+
+@dataclass(frozen=True)
+class SplitChecks:
+    """The three checks of a corpus's train/validation split, from one `scan_split`."""
+
+    scan: SplitScan
+    train_lines: Verdict
+    validation_lines: Verdict
+    overlap: Verdict
+
+
+def _line_problems(split: str, counts: LineCounts, reported: Mapping) -> list[str]:
+    problems = []
+    expected = reported.get(f"lines_{split}")
+    if expected is None:
+        problems.append(f"the materialisation metadata has no lines_{split} to compare with")
+    elif counts.lines != expected:
+        problems.append(f"{counts.lines} lines on disk but {expected} reported when it was built")
+    if counts.lines == 0:
+        problems.append("the split is empty")
+    if counts.blank_lines:
+        problems.append(f"{counts.blank_lines} blank lines, the first at line {counts.first_blank_line}")
+    return problems
+
+
+def _line_figures(split: str, counts: LineCounts, reported: Mapping) -> dict:
+    return {"lines": counts.lines, "reported_lines": reported.get(f"lines_{split}", -1),
+            "blank_lines": counts.blank_lines}
+
+
+def _validation_verdict(counts: LineCounts, reported: Mapping, draw: Callable[[Mapping], ValidationDraw],
+                        max_sigmas: float) -> Verdict:
+    problems = _line_problems("validation", counts, reported)
+    figures = _line_figures("validation", counts, reported)
+    budget = reported.get("details.max_validation_lines")
+    if budget is not None:
+        figures["line_budget"] = budget
+        if counts.lines > budget:
+            problems.append(f"{counts.lines} lines exceed the budget of {budget}")
+    try:
+        drawn, documents, fraction = draw(reported)
+    except KeyError as missing:
+        problems.append(f"the materialisation metadata has no {missing} to check the draw with")
+    else:
+        sigmas = binomial_sigmas(drawn, documents, fraction)
+        figures.update({"documents_drawn": drawn, "documents_expected": round(documents * fraction, 1),
+                        "draw_sigmas": round(sigmas, 2)})
+        if abs(sigmas) > max_sigmas:
+            problems.append(f"{drawn} of {documents} documents drawn for validation, "
+                            f"{documents * fraction:.1f} expected at fraction {fraction:g} "
+                            f"({sigmas:+.1f} sigmas, more than {max_sigmas:g})")
+    return Verdict(tuple(problems), figures)
+
+
+def check_split(train_path: Path, validation_path: Path, reported_train: Mapping, reported_validation: Mapping,
+                draw: Callable[[Mapping], ValidationDraw], *, max_overlap_fraction: float,
+                max_sigmas: float) -> SplitChecks:
+    """Scan a split's two sentence files and judge them against what the corpus step reported.
+
+    `reported_*` are the figures of each split's materialisation (the corpus stats flattened with
+    dots: `lines_train`, `details.max_validation_lines`, ...); `draw` picks the validation draw
+    from them (`cc100_validation_draw`, `jawiki_validation_draw`).
+    """
+    scan = scan_split(train_path, validation_path)
+    train = Verdict(tuple(_line_problems("train", scan.train, reported_train)),
+                    _line_figures("train", scan.train, reported_train))
+    validation = _validation_verdict(scan.validation, reported_validation, draw, max_sigmas)
+    too_many = scan.overlap_fraction > max_overlap_fraction
+    overlap = Verdict(
+        (f"{scan.overlap_lines} validation lines ({scan.overlap_fraction:.2%}) also occur in train, "
+         f"more than max_overlap_fraction {max_overlap_fraction:.2%}",) if too_many else (),
+        {"overlap_lines": scan.overlap_lines, "overlap_distinct": scan.overlap_distinct,
+         "overlap_fraction": scan.overlap_fraction, "max_overlap_fraction": max_overlap_fraction})
+    return SplitChecks(scan, train, validation, overlap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training stages: the losses in a model folder's metrics.
+
+
+def read_stage_metrics(model_dir: Path) -> dict:
+    """A stage's `metrics.json`; an InputError naming the file when it cannot be read."""
+    path = Path(model_dir) / METRICS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read the stage's metrics ({exc})") from exc
+
+
+def _as_float(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+@dataclass(frozen=True)
+class LossGain:
+    """A stage's validation loss against an untrained model's, on the same sequences and masks."""
+
+    eval_loss: float
+    untrained_eval_loss: float
+
+    @property
+    def improvement(self) -> float:
+        return self.untrained_eval_loss - self.eval_loss  # NaN when either is missing or NaN
+
+    def passes(self, min_improvement: float) -> bool:
+        """Better than untrained, by at least `min_improvement` nats (NaN never passes)."""
+        return self.improvement > 0 and self.improvement >= min_improvement
+
+
+def loss_gain(metrics: dict) -> LossGain:
+    return LossGain(_as_float(metrics.get("eval_loss")), _as_float(metrics.get("untrained_eval_loss")))

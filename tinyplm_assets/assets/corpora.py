@@ -1,10 +1,8 @@
-"""Cleaned sentence corpora with deterministic train/validation splits.
+"""Cleaned sentence corpora with deterministic train/validation splits (`sentences.txt` folders).
 
-`cc100_ja_corpus` and `jawiki_corpus` each read their raw download once and write two assets,
-`*_train` and `*_validation`: directories holding `sentences.txt` (one sentence per line, UTF-8).
-Splits are whole documents chosen by a seeded hash, so re-running gives byte-identical files.
-Bad input lines are skipped up to `max_bad_records` and reported as `skipped_total`,
-`skipped_records` (by reason) and `skipped_examples`; past that the step fails naming the line.
+`cc100_ja_corpus` and `jawiki_corpus` read their download once and write `*_train` and
+`*_validation`; splits are whole documents chosen by a seeded hash (re-runs are byte-identical).
+Bad lines are skipped up to `max_bad_records` and reported as `skipped_*`; one more fails the step.
 """
 
 
@@ -14,11 +12,11 @@ from dagster import AssetExecutionContext, AssetOut, Output, multi_asset
 
 from tinyplm_assets.config import Cc100CorpusConfig, JawikiCorpusConfig, worker_count
 from tinyplm_assets.metadata import flat_counts, skipped_records, text_sample
+from tinyplm_assets.preflight import check_run
 from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_lib.corpora.cc100 import build_cc100_corpus
 from tinyplm_lib.corpora.jawiki import build_jawiki_corpus
-
-SENTENCES = "sentences.txt"
+from tinyplm_lib.layout import SENTENCES_FILE
 
 
 def single_file(directory: Path) -> Path:
@@ -35,7 +33,7 @@ def _outputs(prefix: str, staged: dict[str, Path], stats: dict):
             directory,
             output_name=f"{prefix}_{split}",
             metadata={**flat_counts(stats), **skipped_records(stats),
-                      "sample": text_sample(directory / SENTENCES)},
+                      "sample": text_sample(directory / SENTENCES_FILE)},
         )
 
 
@@ -51,9 +49,10 @@ def _outputs(prefix: str, staged: dict[str, Path], stats: dict):
 def cc100_ja_corpus(context: AssetExecutionContext, config: Cc100CorpusConfig,
                     storage: ArtifactStorage, cc100_ja_raw: Path):
     """First `max_lines` non-empty NFKC lines of cc100-ja, split by document. Safe to re-run."""
+    check_run(context)
     staged = {split: storage.staging_dir(f"cc100_ja_{split}") for split in ("train", "validation")}
-    stats = build_cc100_corpus(single_file(cc100_ja_raw), staged["train"] / SENTENCES,
-                               staged["validation"] / SENTENCES, config.to_settings(),
+    stats = build_cc100_corpus(single_file(cc100_ja_raw), staged["train"] / SENTENCES_FILE,
+                               staged["validation"] / SENTENCES_FILE, config.to_settings(),
                                workers=worker_count(config.workers)).to_dict()
     context.log.info(f"cc100-ja corpus: {stats}")
     yield from _outputs("cc100_ja", staged, stats)
@@ -71,9 +70,10 @@ def cc100_ja_corpus(context: AssetExecutionContext, config: Cc100CorpusConfig,
 def jawiki_corpus(context: AssetExecutionContext, config: JawikiCorpusConfig,
                   storage: ArtifactStorage, jawiki_raw: Path):
     """Namespace-0 articles cleaned by the original's rules, sentence-split, deduplicated."""
+    check_run(context)
     staged = {split: storage.staging_dir(f"jawiki_{split}") for split in ("train", "validation")}
-    stats = build_jawiki_corpus(single_file(jawiki_raw), staged["train"] / SENTENCES,
-                                staged["validation"] / SENTENCES, config.to_settings(),
+    stats = build_jawiki_corpus(single_file(jawiki_raw), staged["train"] / SENTENCES_FILE,
+                                staged["validation"] / SENTENCES_FILE, config.to_settings(),
                                 workers=worker_count(config.workers)).to_dict()
     context.log.info(f"JaWiki corpus: {stats}")
     yield from _outputs("jawiki", staged, stats)

@@ -1,11 +1,8 @@
 """The two BERT checkpoints: stage 1 from scratch on cc100-ja, stage 2 continued on JaWiki.
 
-Each is a standard Hugging Face folder (`model.safetensors`, `config.json`, tokenizer files,
-`metrics.json`). They run in the `gpu` concurrency pool (one at a time per Dagster instance) and
-carry the GPU request in their op tags for the Kubernetes run launcher (the docker deployment
-gives run containers the GPUs through `device_requests` in docker/dagster.yaml). Training
-checkpoints go to the same store (`checkpoints/<asset>/step-N`, local or S3), so a stage killed
-on one machine resumes from its last checkpoint when re-materialised, here or elsewhere.
+Hugging Face folders with `metrics.json`, trained in the `gpu` pool (one at a time) with the GPU
+request in their op tags. Checkpoints go to the same store (`checkpoints/<asset>/step-N`, local or
+S3), so a killed stage resumes from its last checkpoint when re-materialised, here or elsewhere.
 """
 
 
@@ -16,8 +13,10 @@ from dagster import AssetExecutionContext, MetadataValue, Output, asset
 
 from tinyplm_assets.config import Stage1Config, Stage2Config
 from tinyplm_assets.metadata import flat_counts, made_from
+from tinyplm_assets.preflight import check_run
 from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_assets.training_launch import run_stage
+from tinyplm_lib.layout import LOSS_CURVE_FILE
 
 # Read by dagster-k8s (pod resources: one GPU; a stage with distributed.processes N needs the limit
 # raised to N in its op tags). The docker deployment's run launcher reads no tags: it requests the
@@ -33,7 +32,7 @@ def _result(metrics: dict, out_dir: Path, made_from_links: dict) -> Output:
     metadata.update(made_from_links)  # the exact data, tokenizer (and start model) it came from
     metadata["device"] = metrics["device"]
     # Inline, so the UI shows the curve without access to the artifact store (~10 kB).
-    png = base64.b64encode((out_dir / "loss_curve.png").read_bytes()).decode()
+    png = base64.b64encode((out_dir / LOSS_CURVE_FILE).read_bytes()).decode()
     metadata["loss_curve"] = MetadataValue.md(f"![loss curve](data:image/png;base64,{png})")
     return Output(out_dir, metadata=metadata)
 
@@ -46,9 +45,9 @@ def bert_stage1_cc100(context: AssetExecutionContext, config: Stage1Config, stor
     Re-running after a finished run retrains from scratch; after an interrupted one it resumes
     from the last checkpoint (if the settings and data are unchanged).
     """
-    metrics, out_dir = run_stage(context, config, storage, "bert_stage1_cc100", train_dir=cc100_ja_tokens / "train",
-                                 validation_dir=cc100_ja_tokens / "validation", tokenizer_dir=wordpiece_tokenizer,
-                                 options=config.to_options())
+    check_run(context)
+    metrics, out_dir = run_stage(context, config, storage, "bert_stage1_cc100", tokens=cc100_ja_tokens,
+                                 tokenizer=wordpiece_tokenizer)
     return _result(metrics, out_dir, made_from(trained_on=("cc100_ja_tokens", cc100_ja_tokens),
                                                tokenizer=("wordpiece_tokenizer", wordpiece_tokenizer)))
 
@@ -57,9 +56,9 @@ def bert_stage1_cc100(context: AssetExecutionContext, config: Stage1Config, stor
 def bert_stage2_jawiki(context: AssetExecutionContext, config: Stage2Config, storage: ArtifactStorage,
                        bert_stage1_cc100: Path, jawiki_tokens: Path, wordpiece_tokenizer: Path) -> Output:
     """Stage 1 continued on JaWiki: the model users take home. Resumes like stage 1."""
-    metrics, out_dir = run_stage(context, config, storage, "bert_stage2_jawiki", train_dir=jawiki_tokens / "train",
-                                 validation_dir=jawiki_tokens / "validation", tokenizer_dir=wordpiece_tokenizer,
-                                 options=config.to_options(init_from=bert_stage1_cc100))
+    check_run(context)
+    metrics, out_dir = run_stage(context, config, storage, "bert_stage2_jawiki", tokens=jawiki_tokens,
+                                 tokenizer=wordpiece_tokenizer, init_from=bert_stage1_cc100)
     return _result(metrics, out_dir, made_from(trained_on=("jawiki_tokens", jawiki_tokens),
                                                tokenizer=("wordpiece_tokenizer", wordpiece_tokenizer),
                                                initialised_from=("bert_stage1_cc100", bert_stage1_cc100)))

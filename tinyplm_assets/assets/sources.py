@@ -10,9 +10,10 @@ import os
 from dagster import AssetExecutionContext, Output, asset
 
 from tinyplm_assets.config import DownloadConfig, JawikiDownloadConfig, resolve_url
+from tinyplm_assets.preflight import check_run
 from tinyplm_assets.resources import ArtifactStorage
+from tinyplm_lib.downloads.download import download, filename_from_url
 from tinyplm_lib.downloads.dumps import dump_date_from_url, resolve_cirrussearch_dump
-from tinyplm_lib.downloads.sources import download, filename_from_url
 
 
 def _pinned_source(config: DownloadConfig) -> tuple[str, dict]:
@@ -34,6 +35,7 @@ def _download_asset(name: str, description: str, config_type: type = DownloadCon
     # Dagster reads the config schema from the annotation, evaluated here with this call's class.
     @asset(name=name, group_name="sources", description=description, kinds={"file"})
     def _raw(context: AssetExecutionContext, config: config_type, storage: ArtifactStorage) -> Output:
+        check_run(context)
         url, source_metadata = source(config)
         if source_metadata:
             context.log.info(f"source: {source_metadata}")

@@ -7,21 +7,14 @@
 
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetIn, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, AssetIn, Output, asset
 
 from tinyplm_assets.config import TokenShardsConfig, worker_count
-from tinyplm_assets.metadata import made_from
+from tinyplm_assets.metadata import decoded_sample, made_from
+from tinyplm_assets.preflight import check_run
 from tinyplm_assets.resources import ArtifactStorage
-from tinyplm_lib.tokens.shards import TokenShards, encode_corpus
-from tinyplm_lib.tokens.tokenizer import load_tokenizer
-
-
-def decoded_sample(shard_dir: Path, tokenizer_dir: Path, sentences: int = 3) -> MetadataValue:
-    """The first sentences of a shard as WordPiece tokens, to eyeball the segmentation."""
-    shards, tokenizer = TokenShards(shard_dir), load_tokenizer(tokenizer_dir)
-    rows = [" ".join(tokenizer.convert_ids_to_tokens(shards.sentence(i).tolist()))
-            for i in range(min(sentences, shards.num_sentences))]
-    return MetadataValue.md("\n".join(f"- `{row}`" for row in rows))
+from tinyplm_lib.layout import SENTENCES_FILE, TRAIN_DIR, VALIDATION_DIR
+from tinyplm_lib.tokens.shard_writer import encode_corpus
 
 
 def _token_asset(name: str, corpus: str, description: str):
@@ -30,14 +23,15 @@ def _token_asset(name: str, corpus: str, description: str):
                 "tokenizer": AssetIn("wordpiece_tokenizer")})
     def _tokens(context: AssetExecutionContext, config: TokenShardsConfig, storage: ArtifactStorage,
                 train: Path, validation: Path, tokenizer: Path) -> Output:
+        check_run(context)
         staging = storage.staging_dir(name)
         metadata: dict = {}
-        for split, corpus_dir in (("train", train), ("validation", validation)):
-            meta = encode_corpus(corpus_dir / "sentences.txt", tokenizer, staging / split,
+        for split, folder, corpus_dir in (("train", TRAIN_DIR, train), ("validation", VALIDATION_DIR, validation)):
+            meta = encode_corpus(corpus_dir / SENTENCES_FILE, tokenizer, staging / folder,
                                  workers=worker_count(config.workers), shard_lines=config.shard_lines)
             metadata.update({f"{split}.{key}": value for key, value in meta.items()
                              if isinstance(value, (int, float)) and not isinstance(value, bool)})
-        metadata["decoded_sample"] = decoded_sample(staging / "validation", tokenizer)
+        metadata["decoded_sample"] = decoded_sample(staging / VALIDATION_DIR, tokenizer)
         metadata.update(made_from(train_text=(f"{corpus}_train", train),
                                   validation_text=(f"{corpus}_validation", validation),
                                   tokenizer=("wordpiece_tokenizer", tokenizer)))
