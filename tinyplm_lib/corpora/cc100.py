@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 from tinyplm_lib.corpora.cleaning import has_control_chars, normalize_line
 from tinyplm_lib.corpora.reader import LineBlock, LineReader, iter_line_blocks
-from tinyplm_lib.corpora.records import BadLine, BadRecords, CorpusStats, decode_checked
+from tinyplm_lib.corpora.records import BadLine, BadRecords, CorpusStats, check_bad_record_policy, decode_checked
 from tinyplm_lib.corpora.split import in_validation
 from tinyplm_lib.errors import ConfigError, InputError
 from tinyplm_lib.files import AtomicTextWriter
@@ -63,11 +63,7 @@ class Cc100Settings:
     max_record_bytes: int = 1 << 20
 
     def validate(self) -> None:
-        if self.max_bad_records < 0:
-            raise ConfigError("max_bad_records", f"must be >= 0 (0: any bad line fails), got "
-                              f"{self.max_bad_records}")
-        if self.max_record_bytes < 1:
-            raise ConfigError("max_record_bytes", f"must be >= 1, got {self.max_record_bytes}")
+        check_bad_record_policy(self.max_bad_records, self.max_record_bytes)
         if self.max_lines < 2:
             raise ConfigError("max_lines", f"must be at least 2, got {self.max_lines}")
         if not 1 <= self.max_validation_lines < self.max_lines:

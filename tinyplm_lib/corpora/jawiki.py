@@ -18,7 +18,7 @@ from typing import BinaryIO
 from tinyplm_lib.corpora.dedup import iter_flags, mark_first_occurrences
 from tinyplm_lib.corpora.jawiki_parse import DocumentLine, IndexLine, Outcome, ParseTask, Sentences, parse_block
 from tinyplm_lib.corpora.reader import LineReader, iter_line_blocks
-from tinyplm_lib.corpora.records import BadLine, BadRecords, CorpusStats
+from tinyplm_lib.corpora.records import BadLine, BadRecords, CorpusStats, check_bad_record_policy
 from tinyplm_lib.corpora.split import in_validation
 from tinyplm_lib.errors import ConfigError, InputError
 from tinyplm_lib.files import AtomicTextWriter
@@ -54,11 +54,7 @@ class JawikiSettings:
     max_record_bytes: int = 16 << 20
 
     def validate(self) -> None:
-        if self.max_bad_records < 0:
-            raise ConfigError("max_bad_records", f"must be >= 0 (0: any bad line fails), got "
-                              f"{self.max_bad_records}")
-        if self.max_record_bytes < 1:
-            raise ConfigError("max_record_bytes", f"must be >= 1, got {self.max_record_bytes}")
+        check_bad_record_policy(self.max_bad_records, self.max_record_bytes)
         if self.max_documents is not None and self.max_documents < 1:
             raise ConfigError("max_documents", f"must be None or >= 1, got {self.max_documents}")
         if not 0.0 < self.validation_fraction < 1.0:

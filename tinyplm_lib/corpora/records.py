@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from tinyplm_lib.corpora.reader import LineBlock, decode_block, over_size
-from tinyplm_lib.errors import InputError
+from tinyplm_lib.errors import ConfigError, InputError
 
 
 @dataclass
@@ -115,3 +115,11 @@ def decode_checked(block: LineBlock, max_record_bytes: int) -> tuple[list[str | 
         bad[index] = BadLine("record_too_long",
                              f"line of {size} bytes, over max_record_bytes ({max_record_bytes})")
     return lines, bad
+
+
+def check_bad_record_policy(max_bad_records: int, max_record_bytes: int) -> None:
+    """The two settings of the bad-record policy, as every corpus builder takes them."""
+    if max_bad_records < 0:
+        raise ConfigError("max_bad_records", f"must be >= 0 (0: any bad line fails), got {max_bad_records}")
+    if max_record_bytes < 1:
+        raise ConfigError("max_record_bytes", f"must be >= 1, got {max_record_bytes}")
