@@ -14,12 +14,11 @@ import pytest
 from tinyplm_lib.store.artifacts import LocalArtifactStore, artifact_key
 
 from conftest import REPO_ROOT
-from test_training import data  # noqa: F401  (the module fixture)
 
 pytestmark = pytest.mark.slow
 
 
-def test_stage1_with_two_processes_reports_rank0_metadata_through_pipes(data, tmp_path):  # noqa: F811
+def test_stage1_with_two_processes_reports_rank0_metadata_through_pipes(data, tmp_path):
     from dagster import AssetSelection, DagsterInstance, load_assets_from_modules, materialize
     from transformers import AutoModelForMaskedLM
 

@@ -23,213 +23,29 @@ from pathlib import Path
 import click
 import pytest
 import yaml
-from dagster._config import process_config, resolve_to_config_type
 from dagster._core.errors import DagsterInvalidConfigError
-from dagster._core.instance.ref import InstanceRef
 from dagster._core.workspace.config_schema import ensure_workspace_config
-from dagster._serdes.config_class import class_from_code_pointer
-from docker.models.containers import _create_container_args
 
-from tinyplm_assets.resources import S3_SETTINGS_FROM_ENV
+from tinyplm_assets.environment import S3_SETTINGS_FROM_ENV
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DOCKER_DIR = REPO_ROOT / "docker"
-DOCKERFILE = DOCKER_DIR / "Dockerfile"
-COMPOSE_FILE = DOCKER_DIR / "docker-compose.yml"
-INSTANCE_FILE = DOCKER_DIR / "dagster.yaml"
-WORKSPACE_FILE = DOCKER_DIR / "workspace.yaml"
-ENV_EXAMPLE = DOCKER_DIR / ".env.example"
+import deployment_files as deployment
+from conftest import REPO_ROOT
+from deployment_files import COMPOSE_FILE, DOCKER_DIR, DOCKERFILE, ENV_EXAMPLE, INSTANCE_FILE, WORKSPACE_FILE
 
 SERVICES = {"postgres", "minio", "minio-init", "user-code", "webserver", "daemon"}
 DAGSTER_SERVICES = ("user-code", "webserver", "daemon")
 # Compose service keys this file may use: anything else is a typo (compose would reject it).
 SERVICE_KEYS = {"image", "build", "command", "entrypoint", "environment", "ports", "expose", "volumes",
                 "depends_on", "healthcheck", "restart", "user", "networks"}
-# The arguments docker.types.DeviceRequest reads (docker-py 7).
-DEVICE_REQUEST_KEYS = {"driver", "count", "device_ids", "capabilities", "options"}
-# ${VAR}, ${VAR:?msg}, ${VAR:-default}; `$$` is compose's escape for a literal `$`.
-COMPOSE_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[?-])([^}]*))?\}")
-
-
-# --- helpers ---------------------------------------------------------------------------------
-
-def _env_example() -> dict[str, str]:
-    settings = {}
-    for number, line in enumerate(ENV_EXAMPLE.read_text().splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        assert "=" in line, f"{ENV_EXAMPLE}:{number}: not KEY=VALUE: {line!r}"
-        key, value = line.split("=", 1)
-        assert key not in settings, f"{ENV_EXAMPLE}:{number}: {key} set twice"
-        settings[key] = value
-    return settings
-
-
-def _dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
-    instructions, pending = [], ""
-    for line in DOCKERFILE.read_text().splitlines():
-        if not pending and line.lstrip().startswith("#"):
-            continue
-        if line.rstrip().endswith("\\"):
-            pending += line.rstrip()[:-1] + " "
-            continue
-        full = (pending + line).strip()
-        pending = ""
-        if full:
-            keyword, _, args = full.partition(" ")
-            instructions.append((keyword.upper(), args.strip()))
-    return instructions
-
-
-def _dockerfile_env() -> dict[str, str]:
-    env = {}
-    for keyword, args in _dockerfile_instructions():
-        if keyword == "ENV":
-            for item in shlex.split(args):
-                key, _, value = item.partition("=")
-                env[key] = value
-    return env
-
-
-def _one(keyword: str) -> str:
-    found = [args for kw, args in _dockerfile_instructions() if kw == keyword]
-    assert len(found) == 1, f"{DOCKERFILE}: expected one {keyword}, found {found}"
-    return found[0]
-
-
-def _image_cmd() -> list[str]:
-    return yaml.safe_load(_one("CMD"))  # exec form: a JSON (so YAML) list
-
-
-def _compose_raw() -> dict:
-    return yaml.safe_load(COMPOSE_FILE.read_text())
-
-
-def _interpolate(value, env: dict[str, str]):
-    """Compose's interpolation of a parsed compose value; fails as compose does on a missing one."""
-    if isinstance(value, dict):
-        return {key: _interpolate(item, env) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(item, env) for item in value]
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match):
-        name, operator, argument = match.groups()
-        if name in env and (env[name] or operator not in (":?", ":-")):
-            return env[name]
-        if operator in (":?", "?"):
-            raise ValueError(f"required variable {name} is missing a value: {argument}")
-        return argument or ""
-
-    return COMPOSE_VAR.sub(substitute, value.replace("$$", "\0")).replace("\0", "$")
-
-
-def _compose() -> dict:
-    return _interpolate(_compose_raw(), _env_example())
-
-
-def _compose_var_uses(value) -> list[re.Match]:
-    """Every ${...} in the parsed compose values (compose interpolates values, not comments)."""
-    if isinstance(value, dict):
-        return [use for item in value.values() for use in _compose_var_uses(item)]
-    if isinstance(value, list):
-        return [use for item in value for use in _compose_var_uses(item)]
-    if isinstance(value, str):
-        return list(COMPOSE_VAR.finditer(value.replace("$$", "")))
-    return []
-
-
-def _published(service: dict) -> dict[int, str]:
-    """container port -> host address, from "ADDRESS:HOST:CONTAINER" or "HOST:CONTAINER"."""
-    ports = {}
-    for entry in service.get("ports", []):
-        parts = str(entry).split(":")
-        assert parts[-1] == parts[-2], f"host and container ports differ in {entry!r}"
-        ports[int(parts[-1])] = parts[0] if len(parts) == 3 else "0.0.0.0"
-    return ports
-
-
-def _mounts(service: dict) -> dict[str, str]:
-    """mount target -> source, from the short "SOURCE:TARGET" volume syntax."""
-    return {entry.split(":")[1]: entry.split(":")[0] for entry in service.get("volumes", [])}
-
-
-def _instance_config() -> dict:
-    return yaml.safe_load(INSTANCE_FILE.read_text())
-
-
-def _validate_instance(config: dict, tmp_path: Path) -> dict:
-    """Everything the daemon does with dagster.yaml before it touches Docker or PostgreSQL.
-
-    Dagster's instance schema (via `InstanceRef.from_dir`, as `DagsterInstance.get()` does), then each
-    configurable class's own schema, the run launcher built from it, and the launcher's
-    container_kwargs through docker-py's `containers.create` argument check, exactly as
-    `DockerRunLauncher` passes them. Returns what each part resolved to.
-    """
-    folder = tmp_path / "instance"
-    folder.mkdir(exist_ok=True)
-    (folder / "dagster.yaml").write_text(yaml.safe_dump(config))
-    ref = InstanceRef.from_dir(str(folder))
-    launcher = ref.run_launcher_data.rehydrate()
-    coordinator = ref.run_coordinator_data.rehydrate()
-    resolved = {"launcher": launcher, "coordinator": coordinator}
-    # Storage and compute logs: their schemas only (building them would connect to PostgreSQL).
-    for name, data in (("storage", ref.storage_data), ("compute_logs", ref.compute_logs_data)):
-        klass = class_from_code_pointer(data.module_name, data.class_name)
-        result = process_config(resolve_to_config_type(klass.config_type()), data.config_dict)
-        if not result.success:
-            raise DagsterInvalidConfigError(f"{data.class_name} config in {INSTANCE_FILE}",
-                                            result.errors, data.config_dict)
-        resolved[name] = result.value
-    # docker-py's DeviceRequest drops keys it does not know: a misspelt one would silently lose the
-    # GPU request, so its keys are checked against the ones it reads.
-    for request in launcher.container_kwargs.get("device_requests", []):
-        unknown = set(request) - DEVICE_REQUEST_KEYS
-        if unknown:
-            raise TypeError(f"{INSTANCE_FILE}: device_requests entry has unknown keys {sorted(unknown)}")
-    resolved["create_args"] = _create_container_args({
-        "image": "tinyplm-dagster:latest", "command": ["dagster", "api", "execute_run"], "detach": True,
-        "environment": {}, "network": launcher.networks[0] if launcher.networks else None,
-        "labels": {}, "version": "1.44", **launcher.container_kwargs,
-    })
-    return resolved
 
 
 @pytest.fixture
 def deployment_env(monkeypatch):
     """The environment the compose file gives the Dagster services, from .env.example."""
-    environment = _compose()["services"]["daemon"]["environment"]
+    environment = deployment.compose()["services"]["daemon"]["environment"]
     for key, value in environment.items():
         monkeypatch.setenv(key, str(value))
     return environment
-
-
-def _parse_cli(command: click.Command, argv: list[str], name: str) -> click.Context:
-    """Parse argv with the real click command (unknown options and bad values fail), run nothing."""
-    if isinstance(command, click.Group):
-        sub = command.get_command(click.Context(command, info_name=name), argv[0])
-        assert sub is not None, f"{name} has no subcommand {argv[0]!r}"
-        return _parse_cli(sub, argv[1:], argv[0])
-    return command.make_context(name, list(argv))
-
-
-def _dagster_cli(argv: list[str]) -> click.Context:
-    """argv is a container command line; image paths of the deployment files map to docker/."""
-    image_files = {f"{_dockerfile_env()['DAGSTER_HOME']}/{path.name}": str(path)
-                   for path in (INSTANCE_FILE, WORKSPACE_FILE)}
-    argv = [image_files.get(arg, arg) for arg in argv]
-    if argv[0] == "dagster":
-        from dagster._cli import cli
-    elif argv[0] == "dagster-webserver":
-        from dagster_webserver.cli import cli
-    elif argv[0] == "dagster-daemon":
-        from dagster._daemon.cli import cli
-    else:
-        raise AssertionError(f"not a Dagster command: {argv}")
-    return _parse_cli(cli, argv[1:], argv[0])
 
 
 # --- Dockerfile ------------------------------------------------------------------------------
@@ -256,12 +72,12 @@ def test_hadolint_fails_on_a_worse_dockerfile(tmp_path):
 
 
 def test_the_image_installs_with_the_readme_setup_command():
-    runs = [re.sub(r"--mount=\S+\s*", "", args).strip() for kw, args in _dockerfile_instructions() if kw == "RUN"]
+    runs = [re.sub(r"--mount=\S+\s*", "", args).strip() for kw, args in deployment.dockerfile_instructions() if kw == "RUN"]
     installs = [run for run in runs if "pip" in run or "make" in run.split()]
     # apt-get's make is the only other package; the project's Python packages come from `make install`.
     assert [run for run in installs if "apt-get" not in run] == ["make install"], installs
-    workdir = _one("WORKDIR")
-    assert _dockerfile_env()["PATH"].startswith(f"{workdir}/.venv/bin:"), "the venv `make install` builds must be on PATH"
+    workdir = deployment.dockerfile_one("WORKDIR")
+    assert deployment.dockerfile_env()["PATH"].startswith(f"{workdir}/.venv/bin:"), "the venv `make install` builds must be on PATH"
 
     makefile = (REPO_ROOT / "Makefile").read_text()
     assert re.search(r"^VENV \?= \.venv$", makefile, re.M), "the image relies on the Makefile's default venv"
@@ -294,19 +110,19 @@ def test_the_image_installs_with_the_readme_setup_command():
 
 
 def test_the_image_default_command_is_the_code_server():
-    ctx = _dagster_cli(_image_cmd())
+    ctx = deployment.dagster_cli(deployment.image_cmd())
     assert ctx.command.name == "start" and ctx.info_name == "start"
     assert (ctx.params["host"], ctx.params["port"]) == ("0.0.0.0", 4000)
     assert importlib.util.find_spec(ctx.params["module_name"]) is not None
-    assert _one("EXPOSE") == str(ctx.params["port"])
+    assert deployment.dockerfile_one("EXPOSE") == str(ctx.params["port"])
     # Paths the image uses: the deployment's instance and workspace files land in DAGSTER_HOME.
-    copies = [args.split() for kw, args in _dockerfile_instructions() if kw == "COPY" and "docker/" in args]
-    assert copies == [["docker/dagster.yaml", "docker/workspace.yaml", _dockerfile_env()["DAGSTER_HOME"] + "/"]]
+    copies = [args.split() for kw, args in deployment.dockerfile_instructions() if kw == "COPY" and "docker/" in args]
+    assert copies == [["docker/dagster.yaml", "docker/workspace.yaml", deployment.dockerfile_env()["DAGSTER_HOME"] + "/"]]
 
 
 def test_a_bad_command_line_fails_the_cli_check():
     with pytest.raises(click.UsageError):
-        _dagster_cli(["dagster", "code-server", "start", "-h", "0.0.0.0", "--prot", "4000"])
+        deployment.dagster_cli(["dagster", "code-server", "start", "-h", "0.0.0.0", "--prot", "4000"])
 
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:
@@ -336,29 +152,29 @@ def test_dockerignore_keeps_state_and_secrets_out_of_the_build_context():
 # --- docker-compose.yml --------------------------------------------------------------------
 
 def test_compose_services_ports_and_volumes():
-    compose = _compose()
+    compose = deployment.compose()
     services = compose["services"]
     assert set(services) == SERVICES
     assert "version" not in compose
     for name, service in services.items():
         assert set(service) <= SERVICE_KEYS, f"{name}: unknown keys {set(service) - SERVICE_KEYS}"
 
-    assert set(_published(services["webserver"])) == {3000}
-    assert set(_published(services["minio"])) == {9000, 9001}
-    assert _published(services["postgres"]) == {}, "PostgreSQL stays on the compose network"
-    address = _env_example()["TINYPLM_PUBLISH_ADDRESS"]
-    assert set(_published(services["webserver"]).values()) == {address} == set(_published(services["minio"]).values())
+    assert set(deployment.published(services["webserver"])) == {3000}
+    assert set(deployment.published(services["minio"])) == {9000, 9001}
+    assert deployment.published(services["postgres"]) == {}, "PostgreSQL stays on the compose network"
+    address = deployment.env_example()["TINYPLM_PUBLISH_ADDRESS"]
+    assert set(deployment.published(services["webserver"]).values()) == {address} == set(deployment.published(services["minio"]).values())
 
     volumes = compose["volumes"]
     for service, target in (("postgres", "/var/lib/postgresql/data"), ("minio", "/data")):
-        source = _mounts(services[service]).get(target)
+        source = deployment.mounts(services[service]).get(target)
         assert source in volumes, f"{service}: {target} is not on a named volume"
     for name in ("postgres", "minio"):
         assert services[name]["healthcheck"]["test"], f"{name} needs a healthcheck for depends_on"
 
 
 def test_compose_start_order():
-    services = _compose()["services"]
+    services = deployment.compose()["services"]
 
     def depends(name):
         return {dep: spec["condition"] for dep, spec in services[name].get("depends_on", {}).items()}
@@ -371,11 +187,11 @@ def test_compose_start_order():
 
 
 def test_compose_creates_the_bucket_the_code_location_uses():
-    raw = _compose_raw()["services"]["minio-init"]
+    raw = deployment.compose_raw()["services"]["minio-init"]
     command = " ".join(raw["entrypoint"] + raw["command"])
     assert "mc mb --ignore-existing" in command and "TINYPLM_S3_BUCKET" in command
     assert "${TINYPLM_S3_BUCKET" in raw["environment"]["TINYPLM_S3_BUCKET"]
-    services = _compose()["services"]
+    services = deployment.compose()["services"]
     # minio-init logs in with the root user that the minio service is started with.
     assert {k: services["minio-init"]["environment"][k] for k in ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")} == \
         services["minio"]["environment"]
@@ -383,7 +199,7 @@ def test_compose_creates_the_bucket_the_code_location_uses():
 
 
 def test_compose_dagster_services_share_one_image_built_from_the_dockerfile():
-    services = _compose()["services"]
+    services = deployment.compose()["services"]
     images = {services[name]["image"] for name in DAGSTER_SERVICES}
     assert len(images) == 1
     for name in DAGSTER_SERVICES:
@@ -396,17 +212,17 @@ def test_compose_dagster_services_share_one_image_built_from_the_dockerfile():
 
 
 def test_compose_commands_parse_and_point_at_the_workspace():
-    services = _compose()["services"]
-    web = _dagster_cli(services["webserver"]["command"])
+    services = deployment.compose()["services"]
+    web = deployment.dagster_cli(services["webserver"]["command"])
     assert (web.params["host"], web.params["port"]) == ("0.0.0.0", 3000)
     assert web.params["workspace"] == (str(WORKSPACE_FILE),)
-    daemon = _dagster_cli(services["daemon"]["command"])
+    daemon = deployment.dagster_cli(services["daemon"]["command"])
     assert daemon.info_name == "run" and daemon.params["workspace"] == (str(WORKSPACE_FILE),)
 
 
 def test_every_compose_variable_and_instance_env_is_in_env_example():
-    settings = _env_example()
-    uses = _compose_var_uses(_compose_raw())
+    settings = deployment.env_example()
+    uses = deployment.compose_var_uses(deployment.compose_raw())
     used = {use.group(1) for use in uses}
     assert used - set(settings) == set(), f"not in {ENV_EXAMPLE.name}: {used - set(settings)}"
     instance_env = set(re.findall(r"env:\s*(\w+)", INSTANCE_FILE.read_text()))
@@ -418,10 +234,10 @@ def test_every_compose_variable_and_instance_env_is_in_env_example():
 
 
 def test_a_missing_setting_stops_compose_interpolation():
-    settings = _env_example()
+    settings = deployment.env_example()
     del settings["DAGSTER_POSTGRES_PASSWORD"]
     with pytest.raises(ValueError, match="DAGSTER_POSTGRES_PASSWORD"):
-        _interpolate(_compose_raw(), settings)
+        deployment.interpolate(deployment.compose_raw(), settings)
 
 
 def test_every_env_example_setting_has_a_comment():
@@ -435,8 +251,8 @@ def test_every_env_example_setting_has_a_comment():
 
 
 def test_the_dagster_processes_and_the_runs_get_every_setting_they_read():
-    services = _compose()["services"]
-    launcher = _instance_config()["run_launcher"]["config"]
+    services = deployment.compose()["services"]
+    launcher = deployment.instance_config()["run_launcher"]["config"]
     instance_env = set(re.findall(r"env:\s*(\w+)", INSTANCE_FILE.read_text()))
     s3_env = set(S3_SETTINGS_FROM_ENV.values())  # what storage_from_env() reads
     credentials = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
@@ -452,7 +268,7 @@ def test_instance_config_is_valid_for_dagster_the_launcher_and_docker(tmp_path, 
     from dagster_docker import DockerRunLauncher
     from dagster_postgres.utils import pg_url_from_config
 
-    resolved = _validate_instance(_instance_config(), tmp_path)
+    resolved = deployment.validate_instance(deployment.instance_config(), tmp_path)
     assert isinstance(resolved["launcher"], DockerRunLauncher)
     assert type(resolved["coordinator"]).__name__ == "QueuedRunCoordinator"
     url = pg_url_from_config(resolved["storage"])
@@ -464,8 +280,8 @@ def test_instance_config_is_valid_for_dagster_the_launcher_and_docker(tmp_path, 
 
 
 def test_instance_matches_the_compose_deployment():
-    config = _instance_config()
-    compose = _compose()
+    config = deployment.instance_config()
+    compose = deployment.compose()
     launcher = config["run_launcher"]["config"]
     assert launcher["network"] == compose["networks"]["default"]["name"]
     # Run containers mount volumes by their Docker name, so compose must fix those names.
@@ -473,9 +289,9 @@ def test_instance_matches_the_compose_deployment():
     run_mounts = {entry.split(":")[1]: entry.split(":")[0] for entry in launcher["container_kwargs"]["volumes"]}
     logs_dir = config["compute_logs"]["config"]["base_dir"]
     assert run_mounts[logs_dir] in volume_names, "compute logs must be on a compose volume"
-    assert _mounts(compose["services"]["webserver"])[logs_dir] == volume_names[run_mounts[logs_dir]], \
+    assert deployment.mounts(compose["services"]["webserver"])[logs_dir] == volume_names[run_mounts[logs_dir]], \
         "the UI reads compute logs from the same volume"
-    assert logs_dir == _dockerfile_env()["DAGSTER_HOME"] + "/storage"
+    assert logs_dir == deployment.dockerfile_env()["DAGSTER_HOME"] + "/storage"
     # The local instance's pool setting: one training step (pool "gpu") at a time.
     local = yaml.safe_load((REPO_ROOT / "dagster.yaml").read_text())
     assert config["concurrency"] == local["concurrency"]
@@ -494,20 +310,20 @@ def test_instance_matches_the_compose_deployment():
     ("concurrency", "pools", "default_limit"),
 ], ids=lambda path: ".".join(map(str, path)))
 def test_a_typo_in_any_instance_key_fails_validation(tmp_path, deployment_env, path):
-    config = copy.deepcopy(_instance_config())
+    config = copy.deepcopy(deployment.instance_config())
     parent = config
     for step in path[:-1]:
         parent = parent[step]
     parent[path[-1] + "x"] = parent.pop(path[-1])
     with pytest.raises((DagsterInvalidConfigError, TypeError)) as failure:
-        _validate_instance(config, tmp_path)
+        deployment.validate_instance(config, tmp_path)
     assert path[-1] + "x" in str(failure.value) + repr(getattr(failure.value, "errors", "")), failure.value
 
 
 def test_an_unset_instance_variable_fails_validation(tmp_path, deployment_env, monkeypatch):
     monkeypatch.delenv("DAGSTER_POSTGRES_PORT")
     with pytest.raises(DagsterInvalidConfigError) as failure:
-        _validate_instance(_instance_config(), tmp_path)
+        deployment.validate_instance(deployment.instance_config(), tmp_path)
     assert "DAGSTER_POSTGRES_PORT" in repr(failure.value.errors)
 
 
@@ -517,11 +333,11 @@ def test_workspace_loads_the_code_server_of_the_user_code_service():
     workspace = ensure_workspace_config(yaml.safe_load(WORKSPACE_FILE.read_text()), str(WORKSPACE_FILE))
     [entry] = workspace["load_from"]
     server = entry["grpc_server"]
-    cmd = _dagster_cli(_image_cmd())
-    assert server["host"] in _compose()["services"] and server["host"] == "user-code"
+    cmd = deployment.dagster_cli(deployment.image_cmd())
+    assert server["host"] in deployment.compose()["services"] and server["host"] == "user-code"
     assert server["port"] == cmd.params["port"]
     assert server["location_name"] == cmd.params["location_name"]
-    assert str(server["port"]) in _compose()["services"]["user-code"]["expose"]
+    assert str(server["port"]) in deployment.compose()["services"]["user-code"]["expose"]
 
 
 def test_a_typo_in_the_workspace_fails_validation():

@@ -1,11 +1,12 @@
-"""The `dagster dev` UI end to end: launch the demo job over GraphQL, then look at the asset graph.
+"""The `dagster dev` UI end to end: launch a run over GraphQL, then look at the asset graph in Chromium.
 
-Starts `dagster dev -m tinyplm_assets.definitions` on a free loopback port with a temporary DAGSTER_HOME and
-TINYPLM_HOME, launches `pretrain_all` with configs/demo.yaml + tests/configs/fast-training.yaml
-through the `launchRun` mutation (queued, then started by the daemon, as a UI click would be),
-waits for SUCCESS, and opens the global asset lineage page in headless Chromium (Debian's
-`chromium`, which `.ci/run` and `make browser` install): every asset node must say "Materialized".
-The screenshot is saved in the test's tmp folder and copied to $TINYPLM_TEST_ARTIFACTS when set.
+Starts `dagster dev -m tinyplm_assets.definitions` on a free loopback port on a copy of the demo
+instance that conftest's `demo_run` materialised with the CLI, re-materialises `bert_stage2_jawiki`
+through the `launchRun` mutation (a `pretrain_all` subset, as the asset's launchpad sends it: queued,
+then started by the daemon), waits for SUCCESS, and opens the global asset lineage page in headless
+Chromium (Debian's `chromium`, which `.ci/run` and `make browser` install): every asset node must
+say "Materialized". The screenshot is saved in the test's tmp folder and copied to
+$TINYPLM_TEST_ARTIFACTS when set.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,12 +26,13 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
+from demo_instance import DAGSTER, Machine, copy_demo, newest_run_id
 from headless_chromium import HeadlessChromium, chromium_path
 
 pytestmark = pytest.mark.slow
 
-DAGSTER = str(Path(sys.executable).with_name("dagster"))
 JOB = "pretrain_all"
+ASSET = "bert_stage2_jawiki"  # re-materialised from the UI; every other asset comes from demo_run
 RUN_TIMEOUT_S = 480
 # The graph must be drawn at a zoom of at least 0.6, or Dagster draws name-only "minimal" nodes
 # without their status row: 2400 × 1600 with the vertical layout fits the 12 assets at ~0.7.
@@ -80,17 +81,12 @@ def _merged(*paths: Path) -> dict:
 class DagsterDev:
     """A `dagster dev` process in its own process group, and a GraphQL client for it."""
 
-    def __init__(self, tmp: Path) -> None:
+    def __init__(self, machine: Machine) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        dagster_home = tmp / "dagster_home"
-        dagster_home.mkdir()
-        # As `make dagster-home` does: the instance reads the repository's dagster.yaml (pools).
-        (dagster_home / "dagster.yaml").symlink_to(REPO_ROOT / "dagster.yaml")
-        env = dict(os.environ, DAGSTER_HOME=str(dagster_home), TINYPLM_HOME=str(tmp / "home"),
-                   HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DAGSTER_DISABLE_TELEMETRY="1",
-                   TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-        self.log_path = tmp / "dagster-dev.log"
+        # The instance reads the repository's dagster.yaml (pools), as with `make dagster-home`.
+        env = dict(machine.env, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        self.log_path = machine.root / "dagster-dev.log"
         self._log = open(self.log_path, "wb")
         # Its own session: `dagster dev` stops cleanly (code server and daemon too) on a group SIGTERM.
         self.process = subprocess.Popen(
@@ -165,19 +161,20 @@ class DagsterDev:
 
 
 @pytest.fixture(scope="module")
-def materialised_ui(tmp_path_factory):
-    """A `dagster dev` whose instance holds one successful `pretrain_all` run of the demo profile."""
-    tmp = tmp_path_factory.mktemp("ui")
-    dev = DagsterDev(tmp)
+def materialised_ui(demo_run, tmp_path_factory):
+    """A `dagster dev` on a copy of the demo instance, after a successful UI launch of `bert_stage2_jawiki`."""
+    machine = copy_demo(demo_run, tmp_path_factory.mktemp("ui"))
+    dev = DagsterDev(machine)
     try:
         dev.wait_until_serving()
         location, repository = dev.code_location()
+        # The whole profile, as pasted into the launchpad: a subset run accepts config for every op.
         run_config = _merged(REPO_ROOT / "configs" / "demo.yaml", REPO_ROOT / "tests" / "configs" / "fast-training.yaml")
         launched = dev.graphql("""mutation Launch($params: ExecutionParams!) { launchRun(executionParams: $params) {
             __typename ... on LaunchRunSuccess { run { runId } } ... on Error { message }
             ... on RunConfigValidationInvalid { errors { message } } } }""",
             {"params": {"selector": {"repositoryLocationName": location, "repositoryName": repository,
-                                     "jobName": JOB},
+                                     "jobName": JOB, "assetSelection": [{"path": [ASSET]}]},
                         "runConfigData": run_config}})["launchRun"]
         assert launched["__typename"] == "LaunchRunSuccess", f"launchRun refused: {launched}"
         run_id = launched["run"]["runId"]
@@ -193,7 +190,7 @@ def materialised_ui(tmp_path_factory):
         if status != "SUCCESS":
             errors = "\n\n".join(dev.run_errors(run_id)) or "(no error events)"
             pytest.fail(f"run {run_id} ended {status}; its errors:\n{errors[-8000:]}\n\ndagster dev log:\n{dev.log_tail(3000)}")
-        yield {"dev": dev, "run_id": run_id, "tmp": tmp}
+        yield {"dev": dev, "run_id": run_id, "cli_run_id": newest_run_id(demo_run.dagster_home)}
     finally:
         dev.stop()
 
@@ -204,14 +201,18 @@ def _expected_assets() -> set[str]:
     return {key.to_user_string() for key in defs.resolve_all_asset_keys()}
 
 
-def test_graphql_reports_every_asset_materialised_by_the_run(materialised_ui):
-    nodes = materialised_ui["dev"].graphql(
-        "{ assetNodes { assetKey { path } assetMaterializations(limit: 1) { runId } } }")["assetNodes"]
+def test_graphql_reports_the_ui_run_and_every_asset_materialised(materialised_ui):
+    dev, run_id = materialised_ui["dev"], materialised_ui["run_id"]
+    steps = dev.graphql("query Run($id: ID!) { runOrError(runId: $id) { ... on Run { stepStats { stepKey status } } } }",
+                        {"id": run_id})["runOrError"]["stepStats"]
+    assert {step["stepKey"]: step["status"] for step in steps} == {
+        ASSET: "SUCCESS", f"{ASSET}_loss_checks": "SUCCESS"}, "the asset and its blocking checks, nothing upstream"
+    nodes = dev.graphql("{ assetNodes { assetKey { path } assetMaterializations(limit: 1) { runId } } }")["assetNodes"]
     latest = {"/".join(node["assetKey"]["path"]): node["assetMaterializations"] for node in nodes}
     assert set(latest) == _expected_assets()
-    run_id = materialised_ui["run_id"]
+    cli_run_id = materialised_ui["cli_run_id"]
     assert {name: [event["runId"] for event in events] for name, events in latest.items()} == {
-        name: [run_id] for name in latest}
+        name: [run_id if name == ASSET else cli_run_id] for name in latest}
 
 
 @pytest.fixture(scope="module")
