@@ -1,10 +1,8 @@
 """Preprocessing benchmark: raw cc100 + JaWiki files to token ids, the original's way against ours.
 
-    .venv/bin/python -m bench.preprocess --web ../shared/corpora/ja-web-sample.txt.xz \
-        --wiki ../shared/corpora/jawiki-sample-cirrussearch-content.json.gz --json bench-preprocess.json --workers 2
-
+    .venv/bin/python -m bench.preprocess --web WEB.txt.xz --wiki WIKI.json.gz --json OUT.json --workers 2
 Each path runs timed in its own child (`--run baseline`: preprocess_original.py; `--run ours`), then the ids
-of every sentence both produced are compared. bench/README.md defines every number in the JSON.
+of every sentence both produced are compared. bench/README.md gives the full command and every field.
 """
 
 from __future__ import annotations

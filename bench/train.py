@@ -1,10 +1,8 @@
 """Training throughput and quality at a fixed wall-clock budget: the original's way against ours.
 
     python -m bench.train --web FILE.txt.xz --wiki FILE.json.gz --seconds 120 --json OUT.json
-
-The same BertConfig, data and schedule, trained for `--seconds` each: as run_mlm.py --line_by_line
-does it (HF Trainer, fp32) and ours (train_stage on packed shards); both evaluated on the same
-held-out sequences with the same masks. bench/README.md describes each path and the JSON.
+The same BertConfig, data and schedule for `--seconds` each, the run_mlm.py --line_by_line way (HF Trainer,
+fp32) and ours (train_stage on packed shards), scored on the same held-out sequences and masks (bench/README.md).
 """
 
 from __future__ import annotations
@@ -18,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tinyplm_lib.tokens.folder import TokenizerFolder
 from tinyplm_lib.training.distributed import pick_device
 from tinyplm_lib.training.model import build_model, evaluate, masking_spec
 from tinyplm_lib.training.packing import PackedSequences
@@ -129,8 +128,7 @@ def run_ours(work: Path, model_config: Path, *, seconds: float, batch: int, lr: 
 def _ids_only_tokenizer(tokenizer_dir: Path, fast_class):
     from tokenizers import Tokenizer, models
 
-    vocab = {t: i for i, t in enumerate((tokenizer_dir / "vocab.txt").read_text(encoding="utf-8").splitlines())}
-    backend = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    backend = Tokenizer(models.WordPiece(TokenizerFolder(tokenizer_dir).ids, unk_token="[UNK]"))
     return fast_class(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
                       sep_token="[SEP]", mask_token="[MASK]")
 
@@ -166,9 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     device = pick_device()
     spec = masking_spec(opts.work / "tokenizer", 0.15)
-    vocab = (opts.work / "tokenizer" / "vocab.txt").read_text(encoding="utf-8").splitlines()
-    eval_set = PackedSequences(opts.work / "shards" / "validation", opts.seq_len, cls_id=vocab.index("[CLS]"),
-                               sep_id=vocab.index("[SEP]"), pad_id=spec.pad_id)
+    specials = TokenizerFolder(opts.work / "tokenizer").special_ids()
+    eval_set = PackedSequences(opts.work / "shards" / "validation", opts.seq_len, cls_id=specials["[CLS]"],
+                               sep_id=specials["[SEP]"], pad_id=spec.pad_id)
     eval_kwargs = {"batch_size": 64, "device": device, "seed": 1234, "max_sequences": 1000,
                    "runtime": RuntimeOptions(precision="fp32")}
     common = {"seconds": opts.seconds, "batch": opts.batch, "lr": opts.lr}

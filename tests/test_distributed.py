@@ -70,7 +70,7 @@ def _options(model: Path, batch: int) -> StageOptions:
                         overrides={"max_steps": 12, "logging_steps": 3, "per_device_train_batch_size": batch})
 
 
-def test_two_gloo_processes_match_one_process_with_twice_the_batch(data, no_dropout, tmp_path):  # noqa: F811
+def test_two_gloo_processes_match_one_process_with_twice_the_batch(data, no_dropout, tmp_path):
     single = train_stage(data / "shards" / "train", data / "shards" / "validation", data / "tok",
                          tmp_path / "single", _options(no_dropout, 8), runtime=RuntimeOptions(
                              precision="fp32", dataloader_workers=0))
@@ -98,7 +98,7 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(data, no_drop
     assert "device cpu (fp32) x 2 processes" in done.stdout
 
 
-def test_two_processes_killed_midway_resume_from_the_checkpoint(data, no_dropout, tmp_path):  # noqa: F811
+def test_two_processes_killed_midway_resume_from_the_checkpoint(data, no_dropout, tmp_path):
     """SIGKILL torchrun's agent once a checkpoint exists: its workers (in sessions of their own)
     must exit too, and the re-run resumes from the checkpoint."""
     out = tmp_path / "ddp" / "model"

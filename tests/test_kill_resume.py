@@ -52,7 +52,7 @@ def _metrics(process: subprocess.Popen) -> dict:
     return json.loads(line[len("METRICS "):])
 
 
-def test_sigkill_midway_then_rerun_finishes_like_an_uninterrupted_run(data, tmp_path):  # noqa: F811
+def test_sigkill_midway_then_rerun_finishes_like_an_uninterrupted_run(data, tmp_path):
     reference = _metrics(_start(data, tmp_path / "ref-out", tmp_path / "ref-ckpt", 0.0))
     assert reference["global_step"] == 60 and reference["resumed_from_step"] == 0
 

@@ -60,14 +60,14 @@ def _train(data: Path, out: Path, log=lambda message: None, **kwargs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(data, tmp_path_factory):  # noqa: F811
+def reference(data, tmp_path_factory):
     """The uninterrupted run, with no checkpoints at all."""
     out = tmp_path_factory.mktemp("reference") / "out"
     return _train(data, out), out
 
 
 @pytest.fixture(scope="module")
-def crashed(data, tmp_path_factory):  # noqa: F811
+def crashed(data, tmp_path_factory):
     """A run that died at step 27: its sink, its output folder, and a pristine copy of the sink."""
     base = tmp_path_factory.mktemp("crashed")
     with pytest.raises(SimulatedCrash):
@@ -101,7 +101,7 @@ def test_crash_left_the_two_newest_checkpoints(crashed):
     assert state["running_count"] == 18  # 6 steps of 3 micro-batches since the log at step 14
 
 
-def test_rerun_resumes_and_matches_the_uninterrupted_run(data, reference, crashed):  # noqa: F811
+def test_rerun_resumes_and_matches_the_uninterrupted_run(data, reference, crashed):
     sink = RecordingSink(crashed / "checkpoints")
     messages: list[str] = []
     steps: list[int] = []
@@ -115,7 +115,7 @@ def test_rerun_resumes_and_matches_the_uninterrupted_run(data, reference, crashe
     assert not (crashed / "out" / "trainer").exists()
 
 
-def test_resume_on_another_machine_reads_no_pickle(data, reference, crashed, tmp_path, monkeypatch):  # noqa: F811
+def test_resume_on_another_machine_reads_no_pickle(data, reference, crashed, tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a checkpoint must never be unpickled")
 
@@ -127,7 +127,7 @@ def test_resume_on_another_machine_reads_no_pickle(data, reference, crashed, tmp
     _assert_same_result(resumed, tmp_path / "fresh-out", reference)
 
 
-def test_changed_learning_rate_ignores_the_checkpoint(data, crashed, tmp_path):  # noqa: F811
+def test_changed_learning_rate_ignores_the_checkpoint(data, crashed, tmp_path):
     shutil.copytree(crashed / "pristine", tmp_path / "checkpoints")
     sink = LocalCheckpointSink(tmp_path / "checkpoints")
     messages: list[str] = []
@@ -140,7 +140,7 @@ def test_changed_learning_rate_ignores_the_checkpoint(data, crashed, tmp_path): 
     assert sink.latest() is None, "the stale checkpoints are gone, so later saves are the newest"
 
 
-def test_damaged_checkpoint_is_refused_naming_the_file(data, crashed, tmp_path):  # noqa: F811
+def test_damaged_checkpoint_is_refused_naming_the_file(data, crashed, tmp_path):
     shutil.copytree(crashed / "pristine", tmp_path / "checkpoints")
     damaged = tmp_path / "checkpoints" / "step-00000020" / "model.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:1000])
@@ -276,7 +276,7 @@ def test_save_interval_accepts_a_fraction_of_the_run():
     assert loop._interval(0, 40) == 0 and loop._interval(None, 40) == 0
 
 
-def test_checkpoints_in_an_s3_bucket_resume_on_another_machine(data, reference, tmp_path):  # noqa: F811
+def test_checkpoints_in_an_s3_bucket_resume_on_another_machine(data, reference, tmp_path):
     """A stage killed on one machine resumes on another from what the bucket holds."""
     from tinyplm_lib.store.s3 import S3ArtifactStore
     from tinyplm_lib.training.checkpoints import StoreCheckpointSink

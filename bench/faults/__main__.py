@@ -2,7 +2,6 @@
 
     HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 .venv/bin/python -m bench.faults --json bench/results/faults.json
     .venv/bin/python -m bench.faults --list        # or --only NAME ... [--json OUT.json]
-
 Prints `P/N scenarios passed, data_lost D`; the exit status is 1 if any scenario failed.
 """
 

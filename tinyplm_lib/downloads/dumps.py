@@ -1,8 +1,7 @@
 """Find Wikimedia CirrusSearch dumps: the newest complete one, or the URL of a pinned date.
 
-Old dumps disappear from the mirror after a few weeks, so a pinned URL goes dead; this reads the
-index's HTML directory listing instead: ``latest_cirrussearch_dump("https://dumps.wikimedia.org/
-other/cirrussearch/", "jawiki")`` → the newest ``YYYYMMDD/`` folder whose listing already holds
+Old dumps leave the mirror after a few weeks, so a pinned URL goes dead; `latest_cirrussearch_dump`
+reads the index's HTML listing for the newest ``YYYYMMDD/`` folder that already holds
 ``jawiki-YYYYMMDD-cirrussearch-content.json.gz`` (a folder appears while its dump is still written).
 """
 

@@ -1,9 +1,8 @@
 """Token shards: a sentence-per-line corpus encoded once into flat uint16 ids plus int64 offsets.
 
-Shard k holds input lines [k * shard_lines, (k + 1) * shard_lines): `shard-0000k.tokens.u16` is the
-concatenated ids (no [CLS]/[SEP]), `shard-0000k.offsets.i64` the n + 1 sentence boundaries from 0,
-and `shard-0000k.json` marks it complete. `meta.json` describes the set. This module holds the
-format and `TokenShards`, which memory-maps a set back; `shard_writer.encode_corpus` writes one.
+Shard k holds lines [k * shard_lines, (k + 1) * shard_lines): `.tokens.u16` the ids (no [CLS]/[SEP]),
+`.offsets.i64` the n + 1 sentence boundaries, `.json` its completion marker; `meta.json` describes
+the set. Here: the format and `TokenShards` (memory-mapped reader); `shard_writer` writes shards.
 """
 
 from __future__ import annotations
