@@ -68,10 +68,9 @@ def train(spec: StageSpec, log: Callable[[str], None], checkpoints: CheckpointSi
                        checkpoints=checkpoints, runtime=spec.runtime, world=world)
 
 
-def reported_metadata(metrics: dict) -> dict:
-    """The metrics Dagster shows, as plain JSON values (the loss history stays in metrics.json)."""
-    return {k: v for k, v in metrics.items()
-            if k != "history" and (isinstance(v, (int, float, str, bool)) or v is None) and v is not None}
+def pipes_metadata(metrics: dict) -> dict:
+    """The metrics rank 0 reports through Pipes: plain values only (the loss history stays in metrics.json)."""
+    return {k: v for k, v in metrics.items() if k != "history" and isinstance(v, (int, float, str, bool))}
 
 
 def _checkpoints(spec: StageSpec) -> CheckpointSink | None:
@@ -96,7 +95,7 @@ def main(argv: list[str]) -> int:
         if world.is_main:
             with open_dagster_pipes() as pipes:
                 metrics = train(spec, pipes.log.info, _checkpoints(spec), world)
-                pipes.report_asset_materialization(metadata=reported_metadata(metrics))
+                pipes.report_asset_materialization(metadata=pipes_metadata(metrics))
         else:
             train(spec, lambda message: print(message, file=sys.stderr), _checkpoints(spec), world)
     finally:
