@@ -45,9 +45,16 @@ def test_bench_writes_its_report_and_both_paths_agree(tmp_path, web_sample, wiki
         assert result["lines_cc100_input"] == non_empty
         assert result["lines"] == result["lines_cc100_input"] + result["lines_jawiki_sentences"]
         assert result["lines_per_s"] > 0 and result["peak_rss_mb"] > 0
-        assert set(result["stages_seconds"]) == {"cc100_corpus", "jawiki_corpus", "cc100_tokens",
-                                                 "jawiki_tokens"}
-    assert report["ours"]["lines_per_s_per_worker"] > 0
+        stages = {"cc100_corpus", "jawiki_corpus", "cc100_tokens", "jawiki_tokens"}
+        assert stages <= set(result["stages_seconds"])
+        assert result["lines_per_s_per_worker"] == round(result["lines_per_s"] / 2)
+        assert result["chars"] > 50 * result["lines"]  # Aozora-style lines and JaWiki sentences
+        assert 0 < result["fraction_of_limit"]["lines"] < 2 and 0 < result["fraction_of_limit"]["chars"] < 2
+    # Ours runs the independent steps concurrently, as Dagster's executor does.
+    assert {"corpora_wall", "tokens_wall"} <= set(report["ours"]["stages_seconds"])
+    limit = report["limit"]
+    assert limit["sample_lines"] > 3000 and limit["mecab_lines_per_s_per_core"] > 0
+    assert limit["mecab_chars_per_s_per_core"] > 20 * limit["mecab_lines_per_s_per_core"]
     assert report["speedup"] == round(report["ours"]["lines_per_s"]
                                       / report["baseline"]["lines_per_s"], 2)
     # Sentence splitting differs (the original's splitter ignores brackets); cc100 lines do not.
