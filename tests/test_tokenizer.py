@@ -10,6 +10,7 @@ import gzip
 import itertools
 import json
 import lzma
+import random
 import re
 import shutil
 import unicodedata
@@ -122,6 +123,47 @@ def test_sample_sentences_is_seeded_uniform_and_in_corpus_order(tmp_path, web_sa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "c.txt", "corpus.txt"]
     # Asking for more than there is returns every non-empty line.
     assert sample_sentences(corpus, tmp_path / "all.txt", 10_000, seed=1) == len(lines)
+
+
+def _reservoir_of_lines(corpus: Path, size: int, seed: int) -> bytes:
+    """Algorithm R holding the lines themselves (how sample_sentences worked before it kept ordinals)."""
+    rng, kept, seen = random.Random(seed), [], 0
+    for number, raw in enumerate(corpus.read_bytes().split(b"\n")[:-1]):
+        if not raw.strip():
+            continue
+        if seen < size:
+            kept.append((number, raw.rstrip(b"\r")))
+        elif (slot := rng.randrange(seen + 1)) < size:
+            kept[slot] = (number, raw.rstrip(b"\r"))
+        seen += 1
+    return b"".join(line + b"\n" for _, line in sorted(kept))
+
+
+@pytest.mark.parametrize("size", [1, 7, 300, 2999, 3000, 5000])
+def test_sample_sentences_equals_reservoir_sampling_of_the_lines(tmp_path, web_sample, size):
+    lines = web_lines(web_sample, 3000)
+    # Blank and whitespace-only lines are skipped; CRLF endings lose their CR.
+    mixed = [line + ("\r" if i % 7 == 0 else "") for i, line in enumerate(lines)]
+    mixed[10:10] = ["", "  ", "\t"]
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(mixed) + "\n", encoding="utf-8")
+    out = tmp_path / "sample.txt"
+    written = sample_sentences(corpus, out, size, seed=5)
+    expected = _reservoir_of_lines(corpus, size, 5)
+    assert out.read_bytes() == expected
+    assert written == expected.count(b"\n") == min(size, 3000)
+
+
+def test_sample_sentences_refuses_a_chosen_line_that_is_not_utf8_and_keeps_the_old_sample(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_bytes("一行目です。\n\n二行目です。\n".encode() + b"\xff\xfe broken\n" + "四行目。\n".encode())
+    out = tmp_path / "sample.txt"
+    out.write_text("older sample\n", encoding="utf-8")
+    with pytest.raises(InputError) as excinfo:
+        sample_sentences(corpus, out, 10, seed=1)
+    assert excinfo.value.line == 4 and str(corpus) in str(excinfo.value)
+    assert out.read_text(encoding="utf-8") == "older sample\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "sample.txt"]
 
 
 def test_segment_lines_keeps_order_and_matches_across_workers(train_lines, monkeypatch):

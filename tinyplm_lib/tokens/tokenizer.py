@@ -22,7 +22,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tinyplm_lib.errors import ConfigError, InputError
-from tinyplm_lib.files import AtomicTextWriter, json_text
+from tinyplm_lib.files import json_text, tmp_path
 from tinyplm_lib.layout import TOKENIZER_CONFIG_FILE, TOKENIZER_INFO_FILE, VOCAB_FILE
 from tinyplm_lib.parallel import WorkerPool, map_in_order, pool_or_own, resolve_workers
 from tinyplm_lib.tokens.encoding import worker_segmenter
@@ -71,43 +71,67 @@ class TokenizerSettings:
 def sample_sentences(corpus_path: Path, out_path: Path, sample_size: int, seed: int) -> int:
     """Write a seeded uniform sample of the non-empty lines of `corpus_path`, in corpus order.
 
-    One pass, reservoir sampling (Algorithm R with `random.Random(seed)`): memory holds only the
-    sample, as raw bytes plus an int64 line number each. Peak: 265 bytes per line on real JaWiki
-    sentences (59 characters on average, measured with tracemalloc), so ~2.6 GB for the
-    original's 10M lines. Returns the number of lines written.
+    Reservoir sampling (Algorithm R with `random.Random(seed)`) over line ordinals only: which lines
+    it keeps depends on how many came before, never on their text, so pass 1 draws the sample as
+    int64 ordinals (8 bytes a line: 80 MB for the original's 10M, where holding the lines took
+    ~2.6 GB) and pass 2 copies those lines out. Returns the number of lines written.
     """
     if sample_size < 1:
         raise ConfigError("sample_size", f"must be >= 1, got {sample_size}")
     corpus_path, out_path = Path(corpus_path), Path(out_path)
+    chosen = _reservoir_ordinals(corpus_path, sample_size, seed)
+    # Written beside the output and renamed at the end: a corpus line that is not UTF-8 fails the
+    # step naming it and leaves an older sample intact.
+    partial = tmp_path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(corpus_path, "rb") as handle, open(partial, "wb") as out:
+            _copy_chosen(handle, out, corpus_path, chosen)
+        os.replace(partial, out_path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return len(chosen)
+
+
+def _reservoir_ordinals(corpus_path: Path, sample_size: int, seed: int) -> np.ndarray:
+    """Pass 1: the 0-based ordinals (among non-empty lines) Algorithm R keeps, sorted."""
     rng = random.Random(seed)
-    lines: list[bytes] = []
-    line_numbers = array("q")
+    slots = array("q")
     seen = 0
     with open(corpus_path, "rb") as handle:
-        for line_number, raw in enumerate(handle, start=1):
-            line = raw.rstrip(b"\r\n")
-            if not line.strip():
+        for raw in handle:
+            if not raw.strip():
                 continue
             if seen < sample_size:
-                lines.append(line)
-                line_numbers.append(line_number)
+                slots.append(seen)
             else:
                 slot = rng.randrange(seen + 1)
                 if slot < sample_size:
-                    lines[slot] = line
-                    line_numbers[slot] = line_number
+                    slots[slot] = seen
             seen += 1
-    order = np.argsort(np.frombuffer(line_numbers, dtype=np.int64), kind="stable").tolist()
-    # Checked before the writer opens, so a corpus that is not UTF-8 leaves an older sample intact.
-    for slot in order:
-        try:
-            lines[slot].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(corpus_path, f"not UTF-8 ({exc.reason})", line=line_numbers[slot]) from None
-    with AtomicTextWriter(out_path) as out:
-        for slot in order:
-            out.write_line(lines[slot].decode("utf-8"))
-    return len(lines)
+    return np.sort(np.frombuffer(slots, dtype=np.int64))
+
+
+def _copy_chosen(handle, out, corpus_path: Path, chosen: np.ndarray) -> None:
+    """Pass 2: write the non-empty lines whose ordinal is in `chosen`, LF-terminated, checked UTF-8."""
+    wanted = iter(chosen.tolist())
+    target = next(wanted, None)
+    ordinal = 0
+    for line_number, raw in enumerate(handle, start=1):
+        if target is None:
+            break
+        if not raw.strip():
+            continue
+        if ordinal == target:
+            line = raw.rstrip(b"\r\n")
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InputError(corpus_path, f"not UTF-8 ({exc.reason})", line=line_number) from None
+            out.write(line + b"\n")
+            target = next(wanted, None)
+        ordinal += 1
 
 
 # The first character of every word, with the space before it: what remains is the word[1:]s.
