@@ -54,7 +54,7 @@ class EncodedChunk(NamedTuple):
     first_line: int
     num_lines: int  # input lines in the block, dropped ones included
     tokens: np.ndarray  # uint16 ids of the kept lines, concatenated
-    lengths: np.ndarray  # int64 token count of each kept line
+    lengths: np.ndarray  # int32 token count of each kept line (offsets on disk are int64)
     empty_lines: int
     no_token_lines: int
     unk_tokens: int
@@ -83,7 +83,7 @@ def _encode_chunk(task: EncodeTask) -> EncodedChunk:
     packed, lengths = encoder.encode_packed(texts)
     assert encoder.typecode == "H", "token ids do not fit uint16"
     tokens = np.frombuffer(packed, dtype=np.uint16)
-    lengths = np.array(lengths, dtype=np.int64)
+    lengths = np.array(lengths, dtype=np.int32)
     with_tokens = lengths[lengths > 0]
     return EncodedChunk(task.first_line, num_lines, tokens, with_tokens, num_lines - len(texts),
                         len(texts) - len(with_tokens), int(np.count_nonzero(tokens == encoder.unk_id)),
@@ -127,7 +127,7 @@ class _ShardWriter:
         data = chunk.tokens.tobytes()
         self._tokens.write(data)
         self._tokens_digest.update(data)
-        self._write_offsets(self.num_tokens + np.cumsum(chunk.lengths))
+        self._write_offsets(self.num_tokens + np.cumsum(chunk.lengths, dtype=np.int64))
         self.num_lines += chunk.num_lines
         self.num_sentences += len(chunk.lengths)
         self.num_tokens += len(chunk.tokens)
