@@ -3,7 +3,8 @@
     .venv/bin/python -m bench.mecab_limit CORPUS.txt [CORPUS.txt ...] [--max-lines 100000]
 Every k-th non-empty line of the given files (one k for all, so the sample keeps the corpora's mix)
 goes through `fugashi.GenericTagger` with unidic-lite and `-Owakati` in this one process: nothing but
-`parse(line)` is timed. bench.preprocess and bench.scale call `mecab_limit` when their paths are done.
+`parse(line)` is timed. bench.preprocess and bench.scale call `mecab_limit` when their paths are done;
+`decompress_seconds` gives the corpus steps' own floor (xz and gzip decode on one thread).
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ def mecab_limit(paths: list[Path], max_lines: int = 100_000) -> dict:
             "sample_lines": len(lines), "sample_mean_chars": round(chars / len(lines), 1),
             "seconds": round(seconds, 3), "tagger": "fugashi.GenericTagger unidic-lite -Owakati",
             "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def decompress_seconds(path: Path) -> dict:
+    """Seconds to read a compressed input through once (the corpus steps' single-thread floor)."""
+    from tinyplm_lib.corpora.reader import open_raw
+
+    started = time.perf_counter()
+    size = 0
+    with open_raw(Path(path)) as stream:
+        while block := stream.read(1 << 22):
+            size += len(block)
+    seconds = time.perf_counter() - started
+    return {"seconds": round(seconds, 3), "bytes": size, "mb_per_s": round(size / seconds / 1e6, 1)}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.mecab_limit import mecab_limit
+from bench.mecab_limit import decompress_seconds, mecab_limit
 from bench.preprocess_original import (
     CC100_MAX_LINES,
     CC100_MAX_VALIDATION_LINES,
@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
         paths["ours"].pop("outputs")
         # The limit, on the lines ours encoded (its four corpus files), while nothing else runs.
         encoded = [work / "ours" / f"{corpus}.{split}.txt" for corpus in CORPORA for split in SPLITS]
-        limit = mecab_limit(encoded)
+        limit = {**mecab_limit(encoded),
+                 "decompress": {name: decompress_seconds(p) for name, p in (("web", args.web), ("wiki", args.wiki))}}
         chars = _characters(encoded)
         for measured in paths.values():
             per_worker = measured["lines_per_s"] / args.workers
