@@ -110,8 +110,10 @@ def test_run_mlm_json_is_accepted_and_unknown_keys_rejected(tmp_path):
         load_training_arguments(negative, tmp_path / "out")
 
 
-def test_packed_matrix_matches_naive_concatenation(data):
+def test_packed_sequences_match_naive_concatenation(data):
     """The vectorised packing gives [CLS] s1 [SEP] s2 [SEP] … exactly, sentence by sentence."""
+    import itertools
+
     import numpy as np
 
     from tinyplm_lib.tokens.shards import TokenShards
@@ -120,14 +122,14 @@ def test_packed_matrix_matches_naive_concatenation(data):
     for max_len in (16, 64):  # 16 forces over-long sentences to be cut
         packed = PackedSequences(data / "shards" / "train", max_len, cls_id=2, sep_id=3, pad_id=0)
         shards = TokenShards(data / "shards" / "train")
-        for index, (first, last) in enumerate(packed.ranges):
+        for index, (first, last) in enumerate(itertools.pairwise(packed.sentence_bounds.tolist())):
             naive = [2]
             for sentence in range(first, last):
                 naive += shards.sentence(sentence).tolist() + [3]
             if len(naive) > max_len:
                 naive = naive[: max_len - 1] + [3]
             assert packed[index].tolist() == naive
-        ids, attention = packed.batch(np.array([0, len(packed) - 1]))
+        _, attention = packed.batch(np.array([0, len(packed) - 1]))
         assert attention.sum().item() == packed.seq_lengths[[0, len(packed) - 1]].sum()
 
 
