@@ -9,7 +9,6 @@ Then growth between sizes, MeCab's one-core limit and an extrapolation to the fu
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
 import os
@@ -17,7 +16,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -25,6 +23,7 @@ from typing import NamedTuple
 import yaml
 
 from bench.mecab_limit import decompress_seconds, mecab_limit
+from bench.proc_sampler import TreeSampler
 from bench.scale_data import load_source, synthetic_pair
 from tinyplm_lib.layout import SENTENCES_FILE
 
@@ -61,100 +60,6 @@ TRAINING = ("bert_stage1_cc100", "bert_stage2_jawiki")
 FIXED_SIZE_OUTPUTS = ("wordpiece_tokenizer", *TRAINING)  # their files' size is set by vocab and model, not data
 CORPORA = ("cc100_ja_train", "cc100_ja_validation", "jawiki_train", "jawiki_validation")
 THROUGHPUT_STEPS = ("cc100_ja_corpus", "jawiki_corpus", "cc100_ja_tokens", "jawiki_tokens")
-_PAGE, _TICK, MB = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK"), 2**20
-
-
-def _proc_stat(pid: int) -> tuple[float, int] | None:
-    """(CPU seconds, resident bytes) of a live process, from /proc/PID/stat."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # fields[k - 3] is proc(5)'s field k
-    return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[21]) * _PAGE
-
-
-def _tree(root: int) -> list[tuple[int, int]]:
-    """(pid, depth) of `root` and every live descendant."""
-    found, todo = [], [(root, 0)]
-    while todo:
-        pid, depth = todo.pop()
-        found.append((pid, depth))
-        try:
-            for task in Path(f"/proc/{pid}/task").iterdir():
-                todo.extend((int(child), depth + 1) for child in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError):
-            pass  # it ended while listed
-    return found
-
-
-def _du_bytes(path: Path) -> int:
-    """Bytes on disk (du) of the files under `path`; a file renamed or removed meanwhile counts as nothing."""
-    total = 0
-    for folder, _, names in os.walk(path):
-        for name in names:
-            with contextlib.suppress(FileNotFoundError):
-                total += os.lstat(os.path.join(folder, name)).st_blocks * 512
-    return total
-
-
-class TreeSampler(threading.Thread):
-    """Every 0.2 s: each process's RSS and CPU time, the tree's summed RSS, the store's size on disk. Roles:
-    `main` runs the step (Dagster's step process, or the CLI in process), `worker` a multiprocessing child below
-    it (WorkerPool, DataLoader), `cli` the CLI, `helper` the rest (log tailers, orphan watchers)."""
-
-    def __init__(self, root: int, step_depth: int, home: Path) -> None:
-        super().__init__(daemon=True)
-        self.root, self.step_depth, self.home = root, step_depth, home
-        self.processes: dict[int, dict] = {}
-        self.peak_tree = self.peak_workers = self.workers_alive = 0
-        self.disk_before = self.peak_disk = _du_bytes(home)
-        self._done = threading.Event()
-
-    def _role(self, pid: int, depth: int) -> str:
-        try:
-            spawned = b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:  # gone already
-            spawned = False
-        if depth == self.step_depth and (depth == 0 or spawned):
-            return "main"
-        return "cli" if depth == 0 else "worker" if spawned and depth > self.step_depth else "helper"
-
-    def sample(self) -> None:
-        tree_rss = workers_rss = workers = 0
-        for pid, depth in _tree(self.root):
-            stat = _proc_stat(pid)
-            if stat is None:
-                continue
-            cpu, rss = stat
-            info = self.processes.setdefault(pid, {"role": "helper", "rss": 0, "cpu": 0.0})
-            if info["role"] == "helper":  # again until it has exec'd: a spawned child starts as a copy of its parent
-                info["role"] = self._role(pid, depth)
-            info["rss"], info["cpu"] = max(info["rss"], rss), cpu
-            tree_rss += rss
-            if info["role"] == "worker":
-                workers_rss, workers = workers_rss + rss, workers + 1
-        self.peak_tree, self.peak_workers = max(self.peak_tree, tree_rss), max(self.peak_workers, workers_rss)
-        self.workers_alive = max(self.workers_alive, workers)
-        self.peak_disk = max(self.peak_disk, _du_bytes(self.home))
-
-    def run(self) -> None:
-        while not self._done.wait(0.2):
-            self.sample()
-
-    def stop(self) -> dict:
-        self._done.set()
-        self.join()
-        roles = {role: [p for p in self.processes.values() if p["role"] == role]
-                 for role in ("cli", "main", "worker", "helper")}
-        peak = {role: round(max((p["rss"] for p in found), default=0) / MB, 1) for role, found in roles.items()}
-        return {"peak_rss_mb": round(self.peak_tree / MB, 1), "peak_process_rss_mb": max(peak.values()),
-                "peak_main_rss_mb": peak["main"], "peak_worker_rss_mb": peak["worker"],
-                "peak_workers_rss_mb": round(self.peak_workers / MB, 1), "peak_cli_rss_mb": peak["cli"],
-                "workers": self.workers_alive,  # the most alive at once
-                "cpu_seconds": {role: round(sum(p["cpu"] for p in found), 2) for role, found in roles.items()},
-                "disk_mb": round((_du_bytes(self.home) - self.disk_before) / MB, 1),
-                "peak_disk_mb": round((self.peak_disk - self.disk_before) / MB, 1)}
 
 
 def newest_run(dagster_home: Path) -> tuple[dict, dict]:
@@ -293,16 +198,16 @@ def _linear(x: tuple[int, int, int], a: float, b: float, flat_below: float = 0.0
     return b + (b - a) / (x[1] - x[0]) * (x[2] - x[1])
 
 
-def extrapolate(runs: list[dict], workers: int, targets: dict) -> dict:
+def extrapolate(runs: list[dict], workers: int, targets: dict, gpu_tokens_per_s: float | None = None) -> dict:
     """Each asset at the full profile's size on TARGET_CORES cores, linear from the two largest sizes."""
     first, last = runs[-2], runs[-1]
-    detail, stays, peak_disk, peak_rss, seconds = {}, 0.0, 0.0, 0.0, 0.0
+    detail, stays, peak_disk, peak_rss, seconds, training_seconds = {}, 0.0, 0.0, 0.0, 0.0, {}
     for step in (s for s in STEPS if s.name in last["assets"]):
         x = (first["units"][step.unit], last["units"][step.unit], targets[step.unit])
         a, b = first["assets"][step.name], last["assets"][step.name]
         work = [r["step_seconds"] + r["checks_seconds"] for r in (a, b)]  # event log: no CLI start-up in it
         wall = b["seconds"] + _linear(x, *work) - work[1]
-        serial = _linear(x, a["cpu_seconds"]["main"], b["cpu_seconds"]["main"])
+        serial = _linear(x, a["main_busiest_thread_cpu_seconds"], b["main_busiest_thread_cpu_seconds"])
         cores_seconds = max(serial, wall * workers / TARGET_CORES) if step.parallel else wall
         workers_then = TARGET_CORES if step.parallel else b["workers"]
         rss = (b["peak_cli_rss_mb"] + _linear(x, a["peak_main_rss_mb"], b["peak_main_rss_mb"], RSS_NOISE)
@@ -310,6 +215,10 @@ def extrapolate(runs: list[dict], workers: int, targets: dict) -> dict:
         disk, disk_peak = ((b["disk_mb"], b["peak_disk_mb"]) if step.name in FIXED_SIZE_OUTPUTS else
                            (_linear(x, a["disk_mb"], b["disk_mb"]), _linear(x, a["peak_disk_mb"], b["peak_disk_mb"])))
         training = step.name in TRAINING
+        if training and gpu_tokens_per_s:  # one epoch, as both stage JSONs say; tokens per unit from the shards
+            corpus = "cc100_ja_tokens" if step.unit == "cc100_lines" else "jawiki_tokens"
+            tokens = last["assets"][corpus]["metadata"][corpus]["train.num_tokens"] / x[1] * x[2]
+            training_seconds[step.name] = {"tokens": round(tokens), "seconds": round(tokens / gpu_tokens_per_s)}
         detail[step.name] = {"unit": step.unit, "parallel": step.parallel,
                              "seconds": None if training else round(cores_seconds),
                              "seconds_on_measured_workers": None if training else round(wall),
@@ -319,8 +228,9 @@ def extrapolate(runs: list[dict], workers: int, targets: dict) -> dict:
         peak_disk, stays, peak_rss = max(peak_disk, stays + disk_peak), stays + disk, max(peak_rss, rss)
     return {"cc100_lines": targets["cc100_lines"], "jawiki_sentences": targets["jawiki_sentences"],
             "tokenizer_sample_sentences": targets["sample_sentences"], "cores": TARGET_CORES,
-            "seconds": round(seconds), "training_seconds": None,
-            "note": "seconds: every data step, training excluded; training_seconds is left to the GPU measurement",
+            "seconds": round(seconds), "training": training_seconds or None, "gpu_tokens_per_s": gpu_tokens_per_s,
+            "training_seconds": sum(t["seconds"] for t in training_seconds.values()) if training_seconds else None,
+            "note": "seconds: the data steps; training: shard tokens at full size over --gpu-tokens-per-s",
             "peak_rss_mb": round(peak_rss), "disk_gb": round(stays / 1024, 1),
             "peak_disk_gb": round(peak_disk / 1024, 1),
             "from_sizes": [first["cc100_lines"], last["cc100_lines"]], "assets": detail}
@@ -341,6 +251,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--executor", choices=("multiprocess", "in_process"), default="multiprocess",
                         help="Dagster's executor: multiprocess as users run it; in_process starts faster")
     parser.add_argument("--keep", action="store_true", help="keep each size's store (default: removed)")
+    parser.add_argument("--gpu-tokens-per-s", type=float, help="measured training rate for training_seconds")
     args = parser.parse_args(argv)
     args.sizes = sorted(int(s) for s in args.sizes.split(","))
     if len(args.sizes) < 2 or len(set(args.sizes)) < len(args.sizes):
@@ -375,7 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         "command": " ".join(["python -m bench.scale"] + (sys.argv[1:] if argv is None else argv)),
         "workers": args.workers, "executor": args.executor, "through": args.through, "seed": args.seed,
         "machine": {"cores_available": len(os.sched_getaffinity(0)),
-                    "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * _PAGE / 2**30, 1),
+                    "memory_gb": round(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30, 1),
                     "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
         "synthetic": synthetic,
@@ -385,7 +296,7 @@ def main(argv: list[str] | None = None) -> dict:
         "limit": limit,
         "ours_lines_per_s_per_worker": ours,
         "ours_fraction_of_limit": round(ours / limit["mecab_lines_per_s_per_core"], 3) if ours and limit else None,
-        "extrapolation": extrapolate(runs, args.workers, targets),
+        "extrapolation": extrapolate(runs, args.workers, targets, args.gpu_tokens_per_s),
     }
     text = json.dumps(report, indent=1, ensure_ascii=False)
     if args.json:

@@ -115,7 +115,8 @@ print(peaks[0], peaks[1])
 
 def _run(lines: int, step_seconds: float, main_rss: float, worker_rss: float, disk: float) -> dict:
     record = {"seconds": step_seconds + 10, "step_seconds": step_seconds, "checks_seconds": 0.0,
-              "cpu_seconds": {"main": step_seconds / 4}, "peak_rss_mb": main_rss + 2 * worker_rss,
+              "cpu_seconds": {"main": step_seconds / 3}, "main_busiest_thread_cpu_seconds": step_seconds / 4,
+              "peak_rss_mb": main_rss + 2 * worker_rss,
               "peak_cli_rss_mb": 100.0, "peak_main_rss_mb": main_rss, "peak_worker_rss_mb": worker_rss, "workers": 2,
               "disk_mb": disk, "peak_disk_mb": 2 * disk}
     return {"cc100_lines": lines, "units": {"cc100_lines": lines}, "assets": {"cc100_ja_corpus": record}}
@@ -133,6 +134,19 @@ def test_extrapolation_is_linear_from_the_two_largest_sizes():
     assert result["disk_gb"] == 12.5 and result["peak_disk_gb"] == 25.0 and result["seconds"] == 3200
     assert result["from_sizes"] == [1_000_000, 2_000_000]
     assert growth(runs, "step_seconds", per_line=True) == {"cc100_ja_corpus": 1.0, "max": 1.0}
+    assert result["training_seconds"] is None  # no --gpu-tokens-per-s
+
+
+def test_training_time_is_the_full_size_token_count_over_the_given_rate():
+    runs = [_run(1_000_000, 100.0, 500, 90, 100), _run(2_000_000, 200.0, 500, 90, 200)]
+    for run in runs:
+        run["assets"]["bert_stage1_cc100"] = dict(run["assets"]["cc100_ja_corpus"])
+        tokens = {"train.num_tokens": 80 * run["cc100_lines"]}
+        run["assets"]["cc100_ja_tokens"] = {**run["assets"]["cc100_ja_corpus"], "metadata": {"cc100_ja_tokens": tokens}}
+    targets = {"cc100_lines": 128_000_000, "jawiki_sentences": 40_000_000, "sample_sentences": 10_000_000}
+    result = extrapolate(runs, workers=2, targets=targets, gpu_tokens_per_s=2_000_000)
+    assert result["training"] == {"bert_stage1_cc100": {"tokens": 80 * 128_000_000, "seconds": 5120}}
+    assert result["training_seconds"] == 5120 and result["assets"]["bert_stage1_cc100"]["seconds"] is None
 
 
 @pytest.mark.slow
