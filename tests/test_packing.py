@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench.packing import baseline_pack_sentences
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.tokens.shard_writer import encode_corpus
 from tinyplm_lib.tokens.shards import TokenShards
@@ -30,18 +31,8 @@ CLS, SEP, PAD = 2, 3, 0
 
 
 def reference_pack(lengths: np.ndarray, max_seq_length: int) -> list[tuple[int, int]]:
-    """The original greedy packing, one sentence at a time: [first, last) sentence ranges."""
-    ranges: list[tuple[int, int]] = []
-    budget, start, used = max_seq_length - 1, 0, 0
-    for index, length in enumerate(lengths.tolist()):
-        cost = length + 1
-        if index > start and used + cost > budget:
-            ranges.append((start, index))
-            start, used = index, 0
-        used += cost
-    if len(lengths) > start:
-        ranges.append((start, len(lengths)))
-    return ranges
+    """The original greedy packing, one sentence at a time (bench.packing keeps it as its baseline)."""
+    return [tuple(r) for r in baseline_pack_sentences(np.asarray(lengths), max_seq_length).tolist()]
 
 
 def reference_batch(shards: TokenShards, ranges, indices, max_seq_length: int) -> tuple[torch.Tensor, torch.Tensor]:
