@@ -14,14 +14,25 @@ from pathlib import Path
 _PAGE, _TICK, MB = os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_CLK_TCK"), 2**20
 
 
-def _proc_stat(pid: int) -> tuple[float, int] | None:
-    """(CPU seconds, resident bytes) of a live process, from /proc/PID/stat."""
+def _proc_stat(pid: int) -> tuple[float, int, float] | None:
+    """(CPU seconds, resident bytes, age in seconds) of a live process, from /proc/PID/stat."""
     try:
         text = Path(f"/proc/{pid}/stat").read_text()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
     except (FileNotFoundError, ProcessLookupError):
         return None
     fields = text[text.rindex(")") + 2:].split()  # fields[k - 3] is proc(5)'s field k
-    return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[21]) * _PAGE
+    return (int(fields[11]) + int(fields[12])) / _TICK, int(fields[21]) * _PAGE, uptime - int(fields[19]) / _TICK
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+_NOT_EXECED_SECONDS = 1.0  # a spawned child younger than this with its parent's command line is that parent's copy
 
 
 def _busiest_thread_cpu(pid: int) -> float:
@@ -36,15 +47,15 @@ def _busiest_thread_cpu(pid: int) -> float:
     return busiest
 
 
-def _tree(root: int) -> list[tuple[int, int]]:
-    """(pid, depth) of `root` and every live descendant."""
-    found, todo = [], [(root, 0)]
+def _tree(root: int) -> list[tuple[int, int, int]]:
+    """(pid, depth, parent pid) of `root` and every live descendant."""
+    found, todo = [], [(root, 0, 0)]
     while todo:
-        pid, depth = todo.pop()
-        found.append((pid, depth))
+        pid, depth, parent = todo.pop()
+        found.append((pid, depth, parent))
         try:
             for task in Path(f"/proc/{pid}/task").iterdir():
-                todo.extend((int(child), depth + 1) for child in (task / "children").read_text().split())
+                todo.extend((int(child), depth + 1, pid) for child in (task / "children").read_text().split())
         except (FileNotFoundError, ProcessLookupError):
             pass  # it ended while listed
     return found
@@ -84,11 +95,15 @@ class TreeSampler(threading.Thread):
 
     def sample(self) -> None:
         tree_rss = workers_rss = workers = 0
-        for pid, depth in _tree(self.root):
+        for pid, depth, parent in _tree(self.root):
             stat = _proc_stat(pid)
             if stat is None:
                 continue
-            cpu, rss = stat
+            cpu, rss, age = stat
+            if depth and age < _NOT_EXECED_SECONDS and _cmdline(pid) == _cmdline(parent):
+                # Forked, not yet exec'd: its pages are the parent's (a pool worker being spawned read as a
+                # 430 MB worker and added that to the tree). A forked DataLoader worker counts once it is 1 s old.
+                continue
             info = self.processes.setdefault(pid, {"role": "helper", "rss": 0, "cpu": 0.0})
             if info["role"] == "helper":  # again until it has exec'd: a spawned child starts as a copy of its parent
                 info["role"] = self._role(pid, depth)
