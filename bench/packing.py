@@ -8,7 +8,6 @@ against the original per-sentence loop on a prefix; then times `PackedSequences.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.report import emit
 from tinyplm_lib.tokens.shards import TokenShards
 from tinyplm_lib.training.packing import PackedSequences, pack_sentences
 
@@ -141,10 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
     report["machine"] = {"python": sys.version.split()[0], "numpy": np.__version__, "platform": platform.platform(),
                          "cpus": os.cpu_count(), "load_average_before": [round(x, 2) for x in load_before],
                          "load_average_after": [round(x, 2) for x in os.getloadavg()]}
-    opts.json.parent.mkdir(parents=True, exist_ok=True)
-    opts.json.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report, indent=1))
-    return report
+    return emit(report, opts.json)
 
 
 if __name__ == "__main__":

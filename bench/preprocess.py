@@ -31,6 +31,8 @@ from bench.preprocess_original import (
     SPLITS,
     prepare_baseline,
 )
+from bench.proc_sampler import tree_rss_bytes
+from bench.report import emit
 
 
 def _prepare_ours(args):
@@ -96,21 +98,6 @@ def run_path(args) -> None:
     args.result.write_text(json.dumps(result), encoding="utf-8")
 
 
-def _tree_rss_bytes(pid: int) -> int:
-    """Resident bytes of `pid` and all its descendants, from /proc."""
-    total, todo = 0, [pid]
-    page = os.sysconf("SC_PAGE_SIZE")
-    while todo:
-        current = todo.pop()
-        try:
-            total += int(Path(f"/proc/{current}/statm").read_text().split()[1]) * page
-            for task in Path(f"/proc/{current}/task").iterdir():
-                todo.extend(int(c) for c in (task / "children").read_text().split())
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return total
-
-
 def measure_path(name: str, args, work: Path, tokenizer: Path) -> dict:
     out = work / name
     out.mkdir()
@@ -125,7 +112,7 @@ def measure_path(name: str, args, work: Path, tokenizer: Path) -> dict:
 
     def sample() -> None:  # summed over processes: shared pages (the MeCab dictionary) count twice
         while not stop.wait(0.25):
-            peak_tree[0] = max(peak_tree[0], _tree_rss_bytes(child.pid))
+            peak_tree[0] = max(peak_tree[0], tree_rss_bytes(child.pid))
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -288,11 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    text = json.dumps(report, indent=1, ensure_ascii=False)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
-    print(text)
-    return report
+    return emit(report, args.json, ensure_ascii=False)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,11 @@ def _tree(root: int) -> list[tuple[int, int, int]]:
     return found
 
 
+def tree_rss_bytes(root: int) -> int:
+    """Resident bytes of `root` and all its live descendants, summed (bench.preprocess's tree figure)."""
+    return sum(stat[1] for pid, _, _ in _tree(root) if (stat := _proc_stat(pid)) is not None)
+
+
 def _du_bytes(path: Path) -> int:
     """Bytes on disk (du) of the files under `path`; a file renamed or removed meanwhile counts as nothing."""
     total = 0

@@ -24,6 +24,7 @@ import yaml
 
 from bench.mecab_limit import decompress_seconds, mecab_limit
 from bench.proc_sampler import TreeSampler
+from bench.report import emit
 from bench.scale_data import load_source, synthetic_pair
 from tinyplm_lib.layout import SENTENCES_FILE
 
@@ -298,11 +299,7 @@ def main(argv: list[str] | None = None) -> dict:
         "ours_fraction_of_limit": round(ours / limit["mecab_lines_per_s_per_core"], 3) if ours and limit else None,
         "extrapolation": extrapolate(runs, args.workers, targets, args.gpu_tokens_per_s),
     }
-    text = json.dumps(report, indent=1, ensure_ascii=False)
-    if args.json:
-        args.json.write_text(text + "\n", encoding="utf-8")
-    print(text)
-    return report
+    return emit(report, args.json, ensure_ascii=False)
 
 
 if __name__ == "__main__":

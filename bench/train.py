@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.report import emit
 from tinyplm_lib.tokens.folder import TokenizerFolder
 from tinyplm_lib.training.distributed import pick_device
 from tinyplm_lib.training.model import build_model, evaluate, masking_spec
@@ -188,10 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "val_perplexity": math.exp(min(result["loss"], 50))}
     if "baseline" in report:
         report["speedup"] = report["ours"]["tokens_per_s"] / report["baseline"]["tokens_per_s"]
-    opts.json.parent.mkdir(parents=True, exist_ok=True)
-    opts.json.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report, indent=1))
-    return report
+    return emit(report, opts.json)
 
 
 if __name__ == "__main__":
