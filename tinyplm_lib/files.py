@@ -94,30 +94,32 @@ class AtomicTextWriter:
     """Write LF-terminated UTF-8 lines to `.<name>.tmp`; renamed to `path` on success.
 
     On error the temporary file is removed and so is any older file at `path`: a failed build
-    leaves nothing behind that could be paired with another build's output.
+    leaves nothing behind that could be paired with another build's output. The file is binary
+    underneath, so workers that already hold UTF-8 lines hand them over with `write_encoded`.
     """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.tmp_path = tmp_path(self.path)
-        self._file: IO[str] | None = None
+        self._file: IO[bytes] | None = None
 
     def __enter__(self) -> AtomicTextWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self.tmp_path, "w", encoding="utf-8", newline="\n", buffering=_WRITE_BUFFER_BYTES)
+        self._file = open(self.tmp_path, "wb", buffering=_WRITE_BUFFER_BYTES)
         return self
 
     def write_line(self, line: str) -> None:
-        assert self._file is not None, "use AtomicTextWriter as a context manager"
-        self._file.write(line)
-        self._file.write("\n")
+        self.write_encoded((line + "\n").encode("utf-8"))
 
     def write_lines(self, lines: list[str]) -> None:
         """Each of `lines` followed by a newline, in one write."""
-        assert self._file is not None, "use AtomicTextWriter as a context manager"
         if lines:
-            self._file.write("\n".join(lines))
-            self._file.write("\n")
+            self.write_encoded(("\n".join(lines) + "\n").encode("utf-8"))
+
+    def write_encoded(self, data: bytes | memoryview) -> None:
+        """UTF-8 bytes of whole lines, each ending in b"\\n", written as they are."""
+        assert self._file is not None, "use AtomicTextWriter as a context manager"
+        self._file.write(data)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self._file is not None

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
+
 from tinyplm_lib.corpora.cleaning import has_control_chars, normalize_line
 from tinyplm_lib.corpora.reader import LineBlock, LineReader, iter_line_blocks
 from tinyplm_lib.corpora.records import BadLine, BadRecords, CorpusStats, check_bad_record_policy, decode_checked
@@ -93,10 +95,17 @@ class _NormalizeTask(NamedTuple):
 
 
 class _NormalizedBlock(NamedTuple):
-    """Pool result: a block's lines, normalised, in file order."""
+    """Pool result: a block's lines normalised, the kept ones already UTF-8 encoded.
+
+    The routing process handles documents, not lines: it finds blank lines and line ends in these
+    arrays and writes byte ranges of `text` as they are (a Python loop per line there, and str
+    lines pickled both ways, cost more than the NFKC itself).
+    """
 
     first_line: int
-    lines: list[str | None]  # NFKC and stripped (`normalize_line`); None for a bad line
+    text: bytes  # the kept lines (NFKC, stripped, non-empty), each ending in b"\n"
+    line_ends: np.ndarray  # int64: end offset in `text` of each kept line, newline included
+    chars: np.ndarray  # int32 per input line: characters kept, 0 for a blank or bad line
     bad: dict[int, BadLine]  # the bad lines, by index in the block
     control_lines: list[int]  # indices of the lines that held control characters
 
@@ -105,46 +114,81 @@ def _normalize_block(task: _NormalizeTask) -> _NormalizedBlock:
     """Pool task: decode a block, find its bad lines and normalise the others."""
     lines, bad = decode_checked(task.block, task.max_record_bytes)
     for index in bad:
-        lines[index] = None
+        lines[index] = ""
     nfkc = unicodedata.normalize
     # normalize_line without its control-character test, for the lines known to need none.
-    out = [None if line is None else nfkc("NFKC", line).strip() for line in lines]
+    out = [nfkc("NFKC", line).strip() for line in lines]
     controls: list[int] = []
     if _may_hold_controls(task.block.data):
-        controls = [i for i, line in enumerate(lines) if line is not None and has_control_chars(line)]
+        controls = [i for i, line in enumerate(lines) if i not in bad and has_control_chars(line)]
         for i in controls:
             out[i] = normalize_line(lines[i])
-    return _NormalizedBlock(task.block.first_line, out, bad, controls)
+    kept = [line for line in out if line]
+    # No kept line holds a "\n": the block was split on them and NFKC never makes one (checked on
+    # every code point), so the newlines found here are exactly the line ends.
+    text = ("\n".join(kept) + "\n").encode("utf-8") if kept else b""
+    line_ends = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == 10) + 1
+    chars = np.fromiter(map(len, out), dtype=np.int32, count=len(out))
+    return _NormalizedBlock(task.block.first_line, text, line_ends, chars, bad, controls)
+
+
+class _Document:
+    """One document being gathered: byte ranges of normalised lines, and its counts."""
+
+    __slots__ = ("chars", "lines", "pieces")
+
+    def __init__(self) -> None:
+        self.pieces: list[bytes] = []
+        self.lines = self.chars = 0
+
+    def add(self, piece: bytes, lines: int, chars: int) -> None:
+        self.pieces.append(piece)
+        self.lines += lines
+        self.chars += chars
 
 
 def _iter_documents(raw_path: Path, settings: Cc100Settings, stats: CorpusStats,
-                    records: BadRecords, pool: WorkerPool) -> Iterator[list[str]]:
-    """Yield documents as lists of normalised lines; at most one document is held at a time."""
-    document: list[str] = []
+                    records: BadRecords, pool: WorkerPool) -> Iterator[_Document]:
+    """Yield documents in file order; at most one document is held at a time.
+
+    A blank line ends a document; a bad line is skipped (under the bad-record policy) and its
+    document goes on without it; the `max_lines`-th kept line ends the input, mid-document.
+    """
+    document = _Document()
     max_lines, max_bytes = settings.max_lines, settings.max_record_bytes
     # Lines over the limit are cut by the reader too, so one without a newline is never held whole.
     with LineReader(raw_path, chunk_bytes=BLOCK_BYTES, max_line_bytes=max_bytes) as reader:
         tasks = (_NormalizeTask(block, max_bytes) for block in iter_line_blocks(reader, BLOCK_BYTES))
         for block in pool.map_in_order(_normalize_block, tasks):
-            first = block.first_line
-            for line_no, line in enumerate(block.lines, start=first):
-                stats.input_lines = line_no
-                if not line:
-                    if line is None:  # a bad line: skipped, its document goes on without it
-                        records.skip(line_no, *block.bad[line_no - first])
-                        continue
-                    if document:
-                        yield document
-                        document = []
-                    continue
-                document.append(line)
-                stats.lines_read += 1
-                if stats.lines_read >= max_lines:
-                    stats.control_char_records += sum(first + i <= line_no for i in block.control_lines)
-                    yield document  # the last document may be cut here, as the original's budget did
-                    return
-            stats.control_char_records += len(block.control_lines)
-    if document:
+            first, chars = block.first_line, block.chars
+            kept = np.flatnonzero(chars)  # block indices of the kept lines
+            end = len(chars)  # block lines used: all, unless the line budget runs out here
+            room = max_lines - stats.lines_read
+            if len(kept) >= room:
+                end = int(kept[room - 1]) + 1
+                kept = kept[:room]
+            for index in sorted(i for i in block.bad if i < end):
+                records.skip(first + index, *block.bad[index])
+            breaks = [i for i in np.flatnonzero(chars[:end] == 0).tolist() if i not in block.bad]
+            # Kept lines before each break, then before the end: the documents' edges in `kept`.
+            edges = np.searchsorted(kept, breaks).tolist() + [len(kept)]
+            line_ends = np.concatenate([[0], block.line_ends[:len(kept)]]).tolist()
+            char_sums = np.concatenate([[0], np.cumsum(chars[kept], dtype=np.int64)]).tolist()
+            start = 0
+            for i, edge in enumerate(edges):
+                if edge > start:
+                    document.add(block.text[line_ends[start]:line_ends[edge]], edge - start,
+                                 char_sums[edge] - char_sums[start])
+                    start = edge
+                if i < len(breaks) and document.lines:
+                    yield document
+                    document = _Document()
+            stats.lines_read += len(kept)
+            stats.input_lines = first + end - 1
+            stats.control_char_records += sum(i < end for i in block.control_lines)
+            if end < len(chars) or stats.lines_read >= max_lines:
+                break  # the last document may be cut here, as the original's budget did
+    if document.lines:
         yield document
 
 
@@ -198,7 +242,7 @@ def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Cc
     return stats
 
 
-def _write_documents(documents: Iterator[list[str]], settings: Cc100Settings, stats: CorpusStats,
+def _write_documents(documents: Iterator[_Document], settings: Cc100Settings, stats: CorpusStats,
                      train: AtomicTextWriter, validation: AtomicTextWriter) -> int:
     """Write each document whole to its split; returns how many picked ones the budget turned away.
 
@@ -215,19 +259,19 @@ def _write_documents(documents: Iterator[list[str]], settings: Cc100Settings, st
         to_validation = False
         if in_validation(settings.seed, f"doc:{doc_index}", fraction):
             room = settings.max_validation_lines - stats.lines_validation
-            to_validation = len(document) <= room
+            to_validation = document.lines <= room
             over_budget += not to_validation
         writer = validation if to_validation else train
-        writer.write_lines(document)
-        chars = sum(map(len, document))
+        for piece in document.pieces:
+            writer.write_encoded(piece)
         if to_validation:
             stats.documents_validation += 1
-            stats.lines_validation += len(document)
-            stats.chars_validation += chars
+            stats.lines_validation += document.lines
+            stats.chars_validation += document.chars
         else:
             stats.documents_train += 1
-            stats.lines_train += len(document)
-            stats.chars_train += chars
+            stats.lines_train += document.lines
+            stats.chars_train += document.chars
     return over_budget
 
 
