@@ -219,8 +219,8 @@ def test_encoder_ids_in_range_and_text_comes_back(encoder, vocab, text):
     assert all(0 <= i < len(vocab) for i in ids)
     assert len(vocab) == encoder.vocab_size
     _assert_round_trip(text, ids, vocab)
-    packed, counts = encoder.encode_packed([text, text])
-    assert counts == [len(ids), len(ids)]
+    packed, counts = encoder.encode_packed([text, "", text])
+    assert counts.tolist() == [len(ids), 0, len(ids)] and packed.tolist() == ids + ids
 
 
 @pytest.fixture(scope="module")

@@ -80,10 +80,8 @@ def _encode_chunk(task: EncodeTask) -> EncodedChunk:
     lines, bad = decode_lines(task.data)
     num_lines = len(lines)
     texts = [line for line in (line.rstrip("\r") for line in lines) if line.strip()]
-    packed, lengths = encoder.encode_packed(texts)
-    assert encoder.typecode == "H", "token ids do not fit uint16"
-    tokens = np.frombuffer(packed, dtype=np.uint16)
-    lengths = np.array(lengths, dtype=np.int32)
+    tokens, lengths = encoder.encode_packed(texts)
+    assert tokens.dtype == np.uint16, "token ids do not fit uint16"
     with_tokens = lengths[lengths > 0]
     return EncodedChunk(task.first_line, num_lines, tokens, with_tokens, num_lines - len(texts),
                         len(texts) - len(with_tokens), int(np.count_nonzero(tokens == encoder.unk_id)),
