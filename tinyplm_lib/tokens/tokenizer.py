@@ -7,6 +7,7 @@ a folder that `AutoTokenizer.from_pretrained` loads offline as `BertJapaneseToke
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -343,6 +344,7 @@ def _write_folder(build: Path, tokens: list[str], sample: _SegmentedSample,
         extra_special_tokens=specials[len(SPECIAL_TOKENS):],
     )
     hf_tokenizer.save_pretrained(str(build))
+    _make_config_portable(folder.config_path)
     info = {
         "settings": asdict(settings),
         "vocab_size": len(tokens),
@@ -358,6 +360,22 @@ def _write_folder(build: Path, tokens: list[str], sample: _SegmentedSample,
     # Only deterministic fields go to disk, so two identical trainings give identical folders.
     (build / TOKENIZER_INFO_FILE).write_text(json_text(info, indent=1, ensure_ascii=False), encoding="utf-8")
     return info
+
+
+def _make_config_portable(config_path: Path) -> None:
+    """Rewrite transformers 5's tokenizer_config.json so that 4.40+ loads it and behaves the same.
+
+    5.x saves the unused slots as a list `extra_special_tokens`: 4.57 reads it as a dict ("'list' object
+    has no attribute 'keys'"), 4.46 ignores it. As `additional_special_tokens` 4.x reads them and 5.25
+    maps them back (`from_pretrained`). 4.40 defaults `clean_up_tokenization_spaces` to true ("123!"
+    for 5.x's "123 !"): written out. Sorted, indent 2 as transformers writes: same inputs, same bytes.
+    """
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    extra = config.pop("extra_special_tokens", None)
+    if extra:
+        config["additional_special_tokens"] = extra
+    config.setdefault("clean_up_tokenization_spaces", False)
+    config_path.write_text(json_text(config, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
 
 
 def _replace_dir(build: Path, out_dir: Path) -> None:

@@ -97,7 +97,7 @@ def stage_metrics(stage: PreparedStage, final: dict, end: LoopEnd) -> dict:
         "tokens_per_s": state.tokens_seen / wall if wall > 0 else None, "wall_time_s": wall,
         "resumed_from_step": stage.resumed_from_step, "stopped_early": end.stopped_early,
         "precision": stage.precision, "device": str(stage.world.device), "processes": stage.world.size,
-        "max_seq_length": stage.arguments.max_seq_length,
+        "max_seq_length": stage.arguments.max_seq_length, "mlm_probability": stage.arguments.mlm_probability,
         "parameters": sum(p.numel() for p in stage.model.parameters()),
         "train_sequences": len(stage.train_set), "history": history,
     }
@@ -117,3 +117,7 @@ def _save_folder(stage: PreparedStage, metrics: dict) -> None:
                 "stage": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(stage.options).items()}}
     atomic_write_json(out_dir / TRAINING_SETTINGS_FILE, settings, indent=1, default=str)
     shutil.rmtree(out_dir / TRAINER_DIR, ignore_errors=True)
+    # safetensors 0.8 writes model.safetensors through a temporary file created 0600 (the others
+    # follow the umask): a model folder is for sharing, so all can read it, whatever the umask.
+    for path in (out_dir, *out_dir.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
