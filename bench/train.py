@@ -2,14 +2,14 @@
 
     python -m bench.train --web FILE.txt.xz --wiki FILE.json.gz --seconds 120 --json OUT.json
 The same BertConfig, data and schedule for `--seconds` each, the run_mlm.py --line_by_line way (HF Trainer,
-fp32) and ours (train_stage on packed shards), scored on the same held-out sequences and masks (bench/README.md).
+fp32) and ours (train_stage on packed shards), both scored on one fixed MLM evaluation set built from the
+validation shards (one sentence per sequence, masks drawn once: tinyplm_lib.evaluation.mlm; bench/README.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from bench.report import emit
+from tinyplm_lib.evaluation.mlm import MlmEvalSettings, build_mlm_eval_set, evaluate_mlm
 from tinyplm_lib.tokens.folder import TokenizerFolder
 from tinyplm_lib.training.distributed import pick_device
-from tinyplm_lib.training.model import build_model, evaluate, masking_spec
-from tinyplm_lib.training.packing import PackedSequences
+from tinyplm_lib.training.model import build_model, masking_spec
 from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, train_stage
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,12 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.prepare_only:
         return {}
     device = pick_device()
-    spec = masking_spec(opts.work / "tokenizer", 0.15)
-    specials = TokenizerFolder(opts.work / "tokenizer").special_ids()
-    eval_set = PackedSequences(opts.work / "shards" / "validation", opts.seq_len, cls_id=specials["[CLS]"],
-                               sep_id=specials["[SEP]"], pad_id=spec.pad_id)
-    eval_kwargs = {"batch_size": 64, "device": device, "seed": 1234, "max_sequences": 1000,
-                   "runtime": RuntimeOptions(precision="fp32")}
+    # One set for both sides, in neither side's training format: the same sentences and positions
+    # whatever either run did. Cheap to build (no MeCab), so it is rebuilt, byte-identical, each run.
+    eval_dir = opts.work / "mlm-eval"
+    eval_meta = build_mlm_eval_set({"cc100": opts.work / "shards" / "validation"}, opts.work / "tokenizer",
+                                   eval_dir, MlmEvalSettings(max_seq_length=opts.seq_len))
     common = {"seconds": opts.seconds, "batch": opts.batch, "lr": opts.lr}
     runs = {"ours": run_ours(opts.work, opts.model_config, out=opts.work / "runs", seq_len=opts.seq_len,
                              compile_model=opts.compile, workers=opts.workers, **common)}
@@ -180,13 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
                     "seconds": opts.seconds, "batch_size": opts.batch, "seq_len": opts.seq_len,
                     "learning_rate": opts.lr, "schedule": "constant_with_warmup (50 steps)",
                     "baseline_sampling": opts.baseline_sampling,
-                    "model_config": opts.model_config.name, "eval_sequences": min(len(eval_set), 1000)}
+                    "model_config": opts.model_config.name,
+                    "eval_set": {key: eval_meta["corpora"]["cc100"][key] for key in ("sequences", "masked_tokens")}
+                    | {"corpus": "cc100", **eval_meta["settings"]}}
     for name, run in runs.items():
-        model = run.pop("model").to(device)
+        model = run.pop("model")
         report["parameters"] = sum(p.numel() for p in model.parameters())
-        result = evaluate(model, eval_set, spec, **eval_kwargs)
+        result = evaluate_mlm(model, eval_dir, batch_size=64, device=device)["cc100"]
         report[name] = {**run, "val_loss": result["loss"], "val_accuracy": result["accuracy"],
-                        "val_perplexity": math.exp(min(result["loss"], 50))}
+                        "val_perplexity": result["perplexity"]}
     if "baseline" in report:
         report["speedup"] = report["ours"]["tokens_per_s"] / report["baseline"]["tokens_per_s"]
     return emit(report, opts.json)

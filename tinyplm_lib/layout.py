@@ -33,3 +33,6 @@ TENSORBOARD_DIR = "tensorboard"  # the event files of training.curves.write_tens
 # Inside a model folder while it trains (removed before it is published): checkpoint scratch and
 # TrainingArguments' output_dir.
 TRAINER_DIR = "trainer"
+
+# Evaluation folders (evaluation/): one per JGLUE task, each with metrics.json beside this.
+PREDICTIONS_FILE = "predictions.jsonl"  # one row per dev example: id, label, prediction
