@@ -34,7 +34,8 @@ DEMO_DIR = REPO_ROOT / "data" / "demo"
 # takes ~2 min on 2 cores) count as one file for xdist's `--dist loadfile` (`make test`): they run
 # on one worker, and the fixture is built once. pytest-xdist 3.8's own `xdist_group` marks are not
 # honoured under pytest 9.2 (pytest-xdist issue 1386), hence the scheduler below.
-SHARED_FILES = {"test_pipeline.py": "demo_run", "test_s3_pipeline.py": "demo_run", "test_ui_browser.py": "demo_run"}
+SHARED_FILES = {"test_pipeline.py": "demo_run", "test_s3_pipeline.py": "demo_run", "test_ui_browser.py": "demo_run",
+                "test_evaluation_e2e.py": "demo_run"}
 
 
 def _file_group(path: str) -> str:

@@ -26,7 +26,8 @@ CHECK_STEPS = frozenset({"cc100_ja_split_checks", "jawiki_split_checks", "wordpi
                          "bert_stage1_cc100_loss_checks", "bert_stage2_jawiki_loss_checks"})
 ASSET_STEPS = frozenset({"cc100_ja_raw", "jawiki_raw", "cc100_ja_corpus", "jawiki_corpus", "tokenizer_sample",
                          "wordpiece_tokenizer", "cc100_ja_tokens", "jawiki_tokens", "bert_stage1_cc100",
-                         "bert_stage2_jawiki"})
+                         "bert_stage2_jawiki", "jglue_jsts_raw", "jglue_jcommonsenseqa_raw", "mlm_eval_set",
+                         "bert_stage1_cc100_eval", "bert_stage2_jawiki_eval", "bert_control_eval", "bert_release"})
 
 
 @dataclass(frozen=True)

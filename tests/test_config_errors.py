@@ -138,7 +138,7 @@ def test_tokenizer_and_model_vocab_sizes_must_agree_when_the_run_trains_both():
 def test_a_bad_training_setting_fails_the_first_step_of_a_run_before_any_download(tmp_path):
     from dagster import AssetSelection, DagsterEventType, load_assets_from_modules, materialize
 
-    from tinyplm_assets.assets import corpora, models, sources, tokenizer, tokens
+    from tinyplm_assets.assets import corpora, evaluation, models, sources, tokenizer, tokens
     from tinyplm_assets.resources import ArtifactIOManager, ArtifactStorage
 
     storage = ArtifactStorage(home=str(tmp_path / "home"))
@@ -146,7 +146,7 @@ def test_a_bad_training_setting_fails_the_first_step_of_a_run_before_any_downloa
     # Only the assets run here, not the asset checks the profile also configures.
     run_config["ops"] = {op: section for op, section in run_config["ops"].items() if not op.endswith("_rate")}
     result = materialize(
-        load_assets_from_modules([sources, corpora, tokenizer, tokens, models]),
+        load_assets_from_modules([sources, corpora, tokenizer, tokens, models, evaluation]),
         selection=AssetSelection.all(),
         resources={"storage": storage, "io_manager": ArtifactIOManager(storage=storage)},
         run_config=run_config,
@@ -156,7 +156,7 @@ def test_a_bad_training_setting_fails_the_first_step_of_a_run_before_any_downloa
     # Every asset's first line is the preflight: the root steps (the downloads) start and fail
     # at once; nothing downstream starts and nothing is downloaded or stored.
     started = {e.step_key for e in result.all_events if e.event_type == DagsterEventType.STEP_START}
-    assert started and started <= {"cc100_ja_raw", "jawiki_raw"}
+    assert started and started <= {"cc100_ja_raw", "jawiki_raw", "jglue_jsts_raw", "jglue_jcommonsenseqa_raw"}
     failures = result.get_step_failure_events()
     assert {e.step_key for e in failures} == started
     for failure in failures:

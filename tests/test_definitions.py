@@ -16,8 +16,11 @@ from tinyplm_assets.definitions import defs
 ASSETS = {
     "cc100_ja_raw", "jawiki_raw", "cc100_ja_train", "cc100_ja_validation", "jawiki_train",
     "jawiki_validation", "tokenizer_sample", "wordpiece_tokenizer", "cc100_ja_tokens", "jawiki_tokens",
-    "bert_stage1_cc100", "bert_stage2_jawiki",
+    "bert_stage1_cc100", "bert_stage2_jawiki", "jglue_jsts_raw", "jglue_jcommonsenseqa_raw", "mlm_eval_set",
+    "bert_stage1_cc100_eval", "bert_stage2_jawiki_eval", "bert_control_eval", "bert_release",
 }
+TRAINING = {"bert_stage1_cc100", "bert_stage2_jawiki"}
+EVALUATION = {"mlm_eval_set", "bert_stage1_cc100_eval", "bert_stage2_jawiki_eval", "bert_control_eval", "bert_release"}
 
 
 def _graph():
@@ -32,7 +35,7 @@ def test_every_asset_is_defined_with_a_description_owner_and_group():
         node = graph.get(AssetKey(name))
         assert node.description, f"{name} has no description"
         assert "team:tinyplm" in node.owners, f"{name} has no owner"
-        assert node.group_name in {"sources", "corpora", "tokenizer", "tokens", "training"}, name
+        assert node.group_name in {"sources", "corpora", "tokenizer", "tokens", "training", "evaluation"}, name
 
 
 def test_dependencies_follow_the_pipeline():
@@ -46,14 +49,20 @@ def test_dependencies_follow_the_pipeline():
     assert parents("cc100_ja_tokens") == {"cc100_ja_train", "cc100_ja_validation", "wordpiece_tokenizer"}
     assert parents("bert_stage1_cc100") == {"cc100_ja_tokens", "wordpiece_tokenizer"}
     assert parents("bert_stage2_jawiki") == {"bert_stage1_cc100", "jawiki_tokens", "wordpiece_tokenizer"}
+    jglue = {"mlm_eval_set", "jglue_jsts_raw", "jglue_jcommonsenseqa_raw"}
+    assert parents("mlm_eval_set") == {"cc100_ja_tokens", "jawiki_tokens", "wordpiece_tokenizer"}
+    assert parents("bert_stage1_cc100_eval") == jglue | {"bert_stage1_cc100"}
+    assert parents("bert_stage2_jawiki_eval") == parents("bert_control_eval") == jglue | {"bert_stage2_jawiki"}
+    assert {"bert_stage1_cc100_eval", "bert_stage2_jawiki_eval", "bert_control_eval"} <= parents("bert_release")
 
 
 def test_training_assets_share_the_gpu_pool_and_carry_the_gpu_request():
     graph = _graph()
-    for name in ("bert_stage1_cc100", "bert_stage2_jawiki"):
+    on_gpu = TRAINING | {"bert_stage1_cc100_eval", "bert_stage2_jawiki_eval", "bert_control_eval"}
+    for name in on_gpu:  # fine-tuning shares the pool and the request with training
         node = graph.get(AssetKey(name))
         assert node.pools == {"gpu"}
-    for name in ASSETS - {"bert_stage1_cc100", "bert_stage2_jawiki"}:
+    for name in ASSETS - on_gpu:
         assert not graph.get(AssetKey(name)).pools
     job = defs.resolve_job_def("train_models")
     k8s = json.loads(job.tags["dagster-k8s/config"])
@@ -67,8 +76,9 @@ def test_jobs_cover_the_graph():
         return {key.to_user_string() for key in job.asset_layer.selected_asset_keys}
 
     assert selected("pretrain_all") == ASSETS
-    assert selected("train_models") == {"bert_stage1_cc100", "bert_stage2_jawiki"}
-    assert selected("prepare_data") == ASSETS - {"bert_stage1_cc100", "bert_stage2_jawiki"}
+    assert selected("train_models") == TRAINING
+    assert selected("evaluate_models") == EVALUATION
+    assert selected("prepare_data") == ASSETS - TRAINING - EVALUATION
 
 
 def test_every_asset_starts_with_the_run_preflight():

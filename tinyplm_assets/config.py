@@ -19,6 +19,9 @@ from tinyplm_lib.corpora.cc100 import Cc100Settings
 from tinyplm_lib.corpora.jawiki import JawikiSettings
 from tinyplm_lib.downloads.dumps import CIRRUSSEARCH_INDEX_URL
 from tinyplm_lib.errors import ConfigError
+from tinyplm_lib.evaluation.jglue import JglueSettings
+from tinyplm_lib.evaluation.jglue import load_settings as load_jglue_settings
+from tinyplm_lib.evaluation.mlm import MlmEvalSettings
 from tinyplm_lib.parallel import available_cores
 from tinyplm_lib.tokens.tokenizer import TokenizerSettings
 from tinyplm_lib.training.distributed import default_processes
@@ -73,6 +76,24 @@ class JawikiDownloadConfig(DownloadConfig):
         description="'latest' (newest dump whose file is listed in index_url) or a YYYYMMDD dump date",
     )
     index_url: str = Field(default=CIRRUSSEARCH_INDEX_URL, description="CirrusSearch dump index (HTML listing)")
+
+
+JGLUE_DATASETS_URL = "https://raw.githubusercontent.com/yahoojapan/JGLUE/main/datasets"
+
+
+def jglue_url(task: str, split: str) -> str:
+    """Where the JGLUE repository publishes a v1.3 file: `<task>-v1.3/<split>-v1.3.json`."""
+    return f"{JGLUE_DATASETS_URL}/{task}-v1.3/{split}-v1.3.json"
+
+
+class JglueDownloadConfig(Config):
+    """One JGLUE task's train and dev ("valid") files; the defaults are the upstream v1.3 files."""
+
+    train_url: str = Field(description="train split: http(s)://, file:// or s3:// URL (.json or .json.gz)")
+    dev_url: str = Field(description="dev split (JGLUE's 'valid'), scored by the evaluation assets")
+    train_sha256: Optional[str] = Field(default=None, description="expected sha256 of the train file")
+    dev_sha256: Optional[str] = Field(default=None, description="expected sha256 of the dev file")
+    progress: bool = Field(default=True, description="show a tqdm progress bar on stderr")
 
 
 class Cc100CorpusConfig(Config):
@@ -209,3 +230,34 @@ class Stage1Config(TrainingStageConfig):
 class Stage2Config(TrainingStageConfig):
     training_args_path: str = Field(default="configs/train/stage2-jawiki.json",
                                     description="HF TrainingArguments JSON (run_mlm style accepted)")
+
+
+_MLM_EVAL = MlmEvalSettings()
+
+
+class MlmEvalSetConfig(Config):
+    """The fixed MLM evaluation set: which validation sentences, how long, how they are masked."""
+
+    max_sequences: int = Field(default=_MLM_EVAL.max_sequences, description="sentences per corpus (seeded sample)")
+    max_seq_length: int = Field(default=_MLM_EVAL.max_seq_length,
+                                description="[CLS] + up to max_seq_length - 2 tokens + [SEP]; at most the "
+                                            "models' max_position_embeddings")
+    mlm_probability: float = _MLM_EVAL.mlm_probability
+    seed: int = _MLM_EVAL.seed
+
+    def to_settings(self) -> MlmEvalSettings:
+        settings = MlmEvalSettings(**self.model_dump())
+        settings.validate()
+        return settings
+
+
+class EvaluationConfig(Config):
+    """One checkpoint's evaluation: the fixed MLM set, then JSTS and JCommonsenseQA fine-tuning."""
+
+    jglue_settings_path: str = Field(default="configs/jglue/default.json",
+                                     description="fine-tuning settings JSON (epochs, learning_rate, batch, "
+                                                 "max_seq_length, seed, ...): the same for every model compared")
+    mlm_batch_size: int = Field(default=64, description="sequences per batch when scoring the fixed MLM set")
+
+    def jglue_settings(self) -> JglueSettings:
+        return load_jglue_settings(resolve_path(self.jglue_settings_path, "jglue_settings_path"))

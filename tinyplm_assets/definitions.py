@@ -8,7 +8,7 @@ from __future__ import annotations
 from dagster import Definitions, load_asset_checks_from_modules, load_assets_from_modules, map_asset_specs
 
 from tinyplm_assets import checks, jobs
-from tinyplm_assets.assets import corpora, models, sources, tokenizer, tokens
+from tinyplm_assets.assets import corpora, evaluation, models, sources, tokenizer, tokens
 from tinyplm_assets.resources import ArtifactIOManager, storage_from_env
 
 storage = storage_from_env()
@@ -17,8 +17,8 @@ OWNERS = ["team:tinyplm"]
 
 defs = Definitions(
     assets=map_asset_specs(lambda spec: spec.merge_attributes(owners=OWNERS),
-                           load_assets_from_modules([sources, corpora, tokenizer, tokens, models])),
+                           load_assets_from_modules([sources, corpora, tokenizer, tokens, models, evaluation])),
     asset_checks=load_asset_checks_from_modules([checks]),
-    jobs=[jobs.prepare_data, jobs.train_models, jobs.pretrain_all],
+    jobs=[jobs.prepare_data, jobs.train_models, jobs.evaluate_models, jobs.pretrain_all],
     resources={"storage": storage, "io_manager": ArtifactIOManager(storage=storage)},
 )

@@ -10,7 +10,8 @@ from dagster import AssetSelection, define_asset_job
 from tinyplm_assets.assets.models import GPU_OP_TAGS
 
 TRAINING = AssetSelection.groups("training")
-DATA = AssetSelection.all() - TRAINING
+EVALUATION = AssetSelection.groups("evaluation")
+DATA = AssetSelection.all() - TRAINING - EVALUATION
 
 prepare_data = define_asset_job(
     "prepare_data",
@@ -27,9 +28,17 @@ train_models = define_asset_job(
     description="Stage-1 and stage-2 BERT training (needs the data assets; one GPU job at a time).",
 )
 
+evaluate_models = define_asset_job(
+    "evaluate_models",
+    selection=EVALUATION,
+    tags=GPU_OP_TAGS,
+    description="The fixed MLM set, JGLUE fine-tuning of both stages and the random-init control, "
+                "and the release folder with model cards (needs both checkpoints and the JGLUE downloads).",
+)
+
 pretrain_all = define_asset_job(
     "pretrain_all",
     selection=AssetSelection.all(),
     tags={"tinyplm/gpu": "1"},
-    description="The whole pipeline, downloads to the stage-2 checkpoint.",
+    description="The whole pipeline, downloads to the evaluated release folder.",
 )

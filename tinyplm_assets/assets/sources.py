@@ -1,4 +1,7 @@
-"""Raw corpus downloads: `cc100_ja_raw` and `jawiki_raw`, each a directory holding one file.
+"""Raw downloads: `cc100_ja_raw` and `jawiki_raw` (one file each), and the JGLUE tasks' files.
+
+`jglue_jsts_raw` and `jglue_jcommonsenseqa_raw` each hold `train.json` and `dev.json` (`.json.gz`
+when the source was gzipped), the JGLUE v1.3 splits the evaluation assets fine-tune and score on.
 
 Partial downloads live under `<home>/downloads/<asset>/` between runs, so re-materialising after
 an interruption resumes with an HTTP Range request instead of starting over. Safe to re-run.
@@ -8,8 +11,9 @@ an interruption resumes with an HTTP Range request instead of starting over. Saf
 import os
 
 from dagster import AssetExecutionContext, Output, asset
+from pydantic import Field
 
-from tinyplm_assets.config import DownloadConfig, JawikiDownloadConfig, resolve_url
+from tinyplm_assets.config import DownloadConfig, JawikiDownloadConfig, JglueDownloadConfig, jglue_url, resolve_url
 from tinyplm_assets.preflight import check_run
 from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_lib.downloads.download import download, filename_from_url
@@ -69,4 +73,48 @@ jawiki_raw = _download_asset(
     _jawiki_source,
 )
 
-__all__ = ["cc100_ja_raw", "jawiki_raw"]
+
+
+def _fetch(storage: ArtifactStorage, name: str, url: str, sha256: str | None, progress: bool):
+    url = resolve_url(url)
+    partial_dir = storage.downloads_dir() / name
+    partial_dir.mkdir(exist_ok=True)
+    s3_client = storage.s3_client() if url.startswith("s3://") else None
+    return download(url, partial_dir / filename_from_url(url), expected_sha256=sha256, progress=progress,
+                    s3_client=s3_client)
+
+
+def _jglue_asset(task: str, title: str):
+    defaults = {"train_url": jglue_url(task, "train"), "dev_url": jglue_url(task, "valid")}
+    # The task's upstream URLs as this asset's defaults; the fields keep their descriptions.
+    config_type = type(f"{task.title()}DownloadConfig", (JglueDownloadConfig,), {
+        "__annotations__": {key: str for key in defaults},
+        **{key: Field(default=url, description=JglueDownloadConfig.model_fields[key].description)
+           for key, url in defaults.items()},
+    })
+    name = f"jglue_{task}_raw"
+
+    @asset(name=name, group_name="sources", kinds={"file"},
+           description=f"JGLUE v1.3 {title}: `train.json` and `dev.json` (JGLUE's `valid`), JSON lines as "
+                       "published (CC BY-SA 4.0, Yahoo Japan). Scored by the evaluation assets.")
+    def _raw(context: AssetExecutionContext, config: config_type, storage: ArtifactStorage) -> Output:
+        check_run(context)
+        staging = storage.staging_dir(name)
+        metadata = {}
+        for split, url, sha256 in (("train", config.train_url, config.train_sha256),
+                                   ("dev", config.dev_url, config.dev_sha256)):
+            result = _fetch(storage, f"{name}-{split}", url, sha256, config.progress)
+            suffix = ".json.gz" if result.path.name.endswith(".gz") else ".json"
+            os.replace(result.path, staging / f"{split}{suffix}")
+            context.log.info(f"{split}: {result.size:,} bytes from {result.url}")
+            metadata.update({f"{split}_url": result.url, f"{split}_bytes": result.size,
+                             f"{split}_sha256": result.sha256})
+        return Output(staging, metadata=metadata)
+
+    return _raw
+
+
+jglue_jsts_raw = _jglue_asset("jsts", "JSTS (sentence similarity, 0-5)")
+jglue_jcommonsenseqa_raw = _jglue_asset("jcommonsenseqa", "JCommonsenseQA (5-way multiple choice)")
+
+__all__ = ["cc100_ja_raw", "jawiki_raw", "jglue_jcommonsenseqa_raw", "jglue_jsts_raw"]
