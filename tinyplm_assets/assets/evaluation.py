@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetKey, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, AssetIn, AssetKey, MetadataValue, Output, asset
 
 from tinyplm_assets.assets.models import GPU_OP_TAGS
 from tinyplm_assets.config import EvaluationConfig, MlmEvalSetConfig
@@ -67,41 +67,30 @@ def _evaluate(context: AssetExecutionContext, config: EvaluationConfig, storage:
     return Output(staging, metadata=metadata)
 
 
-def _jglue_inputs(jglue_jsts_raw: Path, jglue_jcommonsenseqa_raw: Path) -> dict[str, Path]:
-    return {"jsts": jglue_jsts_raw, "jcommonsenseqa": jglue_jcommonsenseqa_raw}
+def _evaluation_asset(name: str, checkpoint: str, make_source, description: str):
+    """One checkpoint's evaluation asset; `make_source(folder)` says what is fine-tuned from it."""
+
+    @asset(name=name, group_name="evaluation", pool="gpu", op_tags=GPU_OP_TAGS, kinds={"pytorch"},
+           description=description, ins={"model": AssetIn(checkpoint)})
+    def _eval(context: AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage, model: Path,
+              mlm_eval_set: Path, jglue_jsts_raw: Path, jglue_jcommonsenseqa_raw: Path) -> Output:
+        check_run(context)
+        return _evaluate(context, config, storage, name, make_source(model), mlm_eval_set,
+                         {"jsts": jglue_jsts_raw, "jcommonsenseqa": jglue_jcommonsenseqa_raw})
+
+    return _eval
 
 
-@asset(group_name="evaluation", pool="gpu", op_tags=GPU_OP_TAGS, kinds={"pytorch"})
-def bert_stage1_cc100_eval(context: AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage,
-                           bert_stage1_cc100: Path, mlm_eval_set: Path, jglue_jsts_raw: Path,
-                           jglue_jcommonsenseqa_raw: Path) -> Output:
-    """Stage 1 on the fixed MLM set and fine-tuned on JSTS and JCommonsenseQA (dev scores)."""
-    check_run(context)
-    return _evaluate(context, config, storage, "bert_stage1_cc100_eval", ModelSource.pretrained(bert_stage1_cc100),
-                     mlm_eval_set, _jglue_inputs(jglue_jsts_raw, jglue_jcommonsenseqa_raw))
-
-
-@asset(group_name="evaluation", pool="gpu", op_tags=GPU_OP_TAGS, kinds={"pytorch"})
-def bert_stage2_jawiki_eval(context: AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage,
-                            bert_stage2_jawiki: Path, mlm_eval_set: Path, jglue_jsts_raw: Path,
-                            jglue_jcommonsenseqa_raw: Path) -> Output:
-    """Stage 2 on the fixed MLM set and fine-tuned on JSTS and JCommonsenseQA (dev scores)."""
-    check_run(context)
-    return _evaluate(context, config, storage, "bert_stage2_jawiki_eval", ModelSource.pretrained(bert_stage2_jawiki),
-                     mlm_eval_set, _jglue_inputs(jglue_jsts_raw, jglue_jcommonsenseqa_raw))
-
-
-@asset(group_name="evaluation", pool="gpu", op_tags=GPU_OP_TAGS, kinds={"pytorch"})
-def bert_control_eval(context: AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage,
-                      bert_stage2_jawiki: Path, mlm_eval_set: Path, jglue_jsts_raw: Path,
-                      jglue_jcommonsenseqa_raw: Path) -> Output:
-    """The control: stage 2's architecture and tokenizer, random weights, the same fine-tuning budget.
-
-    What pretraining bought is the gap between this and the stages' scores.
-    """
-    check_run(context)
-    return _evaluate(context, config, storage, "bert_control_eval", ModelSource.control(bert_stage2_jawiki),
-                     mlm_eval_set, _jglue_inputs(jglue_jsts_raw, jglue_jcommonsenseqa_raw))
+bert_stage1_cc100_eval = _evaluation_asset(
+    "bert_stage1_cc100_eval", "bert_stage1_cc100", ModelSource.pretrained,
+    "Stage 1 on the fixed MLM set, and fine-tuned on JSTS and JCommonsenseQA (dev scores, predictions).")
+bert_stage2_jawiki_eval = _evaluation_asset(
+    "bert_stage2_jawiki_eval", "bert_stage2_jawiki", ModelSource.pretrained,
+    "Stage 2 on the fixed MLM set, and fine-tuned on JSTS and JCommonsenseQA (dev scores, predictions).")
+bert_control_eval = _evaluation_asset(
+    "bert_control_eval", "bert_stage2_jawiki", ModelSource.control,
+    "The control: stage 2's architecture and tokenizer from random weights, fine-tuned on JSTS and "
+    "JCommonsenseQA with the same budget. What pretraining bought is the gap to the stages' scores.")
 
 
 def _upstream_metadata(context: AssetExecutionContext, asset_name: str) -> dict:
