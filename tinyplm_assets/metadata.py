@@ -4,6 +4,7 @@ from the library (`tinyplm_lib.tokens.inspection`, the corpus stats, the manifes
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from itertools import islice
@@ -89,3 +90,8 @@ def decoded_sample(shard_dir: Path, tokenizer_dir: Path, sentences: int = 3) -> 
     """The first sentences of a shard as WordPiece tokens, to eyeball the segmentation."""
     rows = [" ".join(tokens) for tokens in shard_tokens(shard_dir, tokenizer_dir, sentences)]
     return MetadataValue.md("\n".join(f"- `{row}`" for row in rows))
+
+
+def png_markdown(label: str, png: bytes) -> MetadataValue:
+    """A PNG inlined as markdown, so the UI shows it without access to the artifact store."""
+    return MetadataValue.md(f"![{label}](data:image/png;base64,{base64.b64encode(png).decode()})")

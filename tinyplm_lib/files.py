@@ -10,8 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+from tinyplm_lib.errors import InputError
 
 HASH_CHUNK_BYTES = 1 << 20
 # Corpus files are written line by line: a 1 MiB buffer keeps that to few write calls.
@@ -72,6 +76,23 @@ def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+def replace_dir(build: Path, out_dir: Path, *, is_ours: Callable[[Path], bool], what: str) -> None:
+    """Move a finished `build` folder to `out_dir`, replacing an earlier one only if `is_ours(out_dir)`.
+
+    An empty folder may be replaced too; anything else raises InputError naming `what` it should be.
+    The old folder is renamed aside before the new one moves in, then removed.
+    """
+    if not out_dir.exists():
+        os.replace(build, out_dir)
+        return
+    if not out_dir.is_dir() or (any(out_dir.iterdir()) and not is_ours(out_dir)):
+        raise InputError(out_dir, f"exists and is not {what}; refusing to replace it")
+    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+    os.replace(out_dir, old)
+    os.replace(build, out_dir)
+    shutil.rmtree(old)
 
 
 def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:

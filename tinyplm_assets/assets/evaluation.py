@@ -8,7 +8,6 @@ user uploads: both checkpoints with a model card each, and the plots.
 """
 
 
-import base64
 import json
 import shutil
 from pathlib import Path
@@ -17,7 +16,7 @@ from dagster import AssetExecutionContext, AssetIn, AssetKey, MetadataValue, Out
 
 from tinyplm_assets.assets.models import GPU_OP_TAGS
 from tinyplm_assets.config import EvaluationConfig, MlmEvalSetConfig
-from tinyplm_assets.metadata import made_from
+from tinyplm_assets.metadata import made_from, png_markdown
 from tinyplm_assets.preflight import check_run
 from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_lib.evaluation.jglue import ModelSource, finetune
@@ -123,8 +122,7 @@ def bert_release(context: AssetExecutionContext, storage: ArtifactStorage, bert_
     summary = write_release(inputs, staging, copy=shutil.copy2)
     metadata: dict = {"models": MetadataValue.json(summary["models"])}
     for key, png in summary["plots"].items():
-        encoded = base64.b64encode((staging / png).read_bytes()).decode()
-        metadata[key] = MetadataValue.md(f"![{key}](data:image/png;base64,{encoded})")
+        metadata[key] = png_markdown(key, (staging / png).read_bytes())
     metadata["scores"] = MetadataValue.md(summary["scores_table"])
     context.log.info(json.dumps(summary["models"]))
     return Output(staging, metadata=metadata)

@@ -6,13 +6,12 @@ S3), so a killed stage resumes from its last checkpoint when re-materialised, he
 """
 
 
-import base64
 from pathlib import Path
 
-from dagster import AssetExecutionContext, MetadataValue, Output, asset
+from dagster import AssetExecutionContext, Output, asset
 
 from tinyplm_assets.config import Stage1Config, Stage2Config
-from tinyplm_assets.metadata import flat_counts, made_from
+from tinyplm_assets.metadata import flat_counts, made_from, png_markdown
 from tinyplm_assets.preflight import check_run
 from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_assets.training_launch import run_stage
@@ -32,8 +31,7 @@ def _result(metrics: dict, out_dir: Path, made_from_links: dict) -> Output:
     metadata.update(made_from_links)  # the exact data, tokenizer (and start model) it came from
     metadata["device"] = metrics["device"]
     # Inline, so the UI shows the curve without access to the artifact store (~10 kB).
-    png = base64.b64encode((out_dir / LOSS_CURVE_FILE).read_bytes()).decode()
-    metadata["loss_curve"] = MetadataValue.md(f"![loss curve](data:image/png;base64,{png})")
+    metadata["loss_curve"] = png_markdown("loss curve", (out_dir / LOSS_CURVE_FILE).read_bytes())
     return Output(out_dir, metadata=metadata)
 
 

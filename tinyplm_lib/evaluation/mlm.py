@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from tinyplm_lib.errors import ConfigError, InputError, StorageError
-from tinyplm_lib.files import json_text, sha256_file
+from tinyplm_lib.files import json_text, replace_dir, sha256_file
 from tinyplm_lib.layout import SHARDS_META_FILE, VOCAB_FILE, WORDPIECE_FILE
 from tinyplm_lib.tokens.folder import CLS_TOKEN, SEP_TOKEN, TokenizerFolder
 from tinyplm_lib.tokens.shards import TokenShards
@@ -111,7 +111,8 @@ def build_mlm_eval_set(sources: dict[str, Path], tokenizer_dir: Path, out_dir: P
                 "special_ids": tokenizer.special_ids(), "first_regular_id": spec.first_regular_id,
                 "corpora": corpora}
         (build / META_FILE).write_text(json_text(meta, indent=1), encoding="utf-8")
-        _replace_dir(build, out_dir)
+        replace_dir(build, out_dir, is_ours=lambda folder: _format_of(folder) == FORMAT,
+                    what="an MLM evaluation set")
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
@@ -191,19 +192,6 @@ def _mask(ids: np.ndarray, spec: MaskingSpec, generator: torch.Generator) -> tup
         inputs.append(masked.numpy())
         labels.append(chunk_labels.numpy())
     return np.concatenate(inputs), np.concatenate(labels)
-
-
-def _replace_dir(build: Path, out_dir: Path) -> None:
-    """Move the finished set into place, replacing an earlier MLM eval set (or empty folder) only."""
-    if not out_dir.exists():
-        os.replace(build, out_dir)
-        return
-    if not out_dir.is_dir() or (any(out_dir.iterdir()) and _format_of(out_dir) != FORMAT):
-        raise InputError(out_dir, "exists and is not an MLM evaluation set; refusing to replace it")
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    os.replace(out_dir, old)
-    os.replace(build, out_dir)
-    shutil.rmtree(old)
 
 
 def _format_of(folder: Path) -> str | None:

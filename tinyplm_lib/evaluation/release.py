@@ -96,11 +96,11 @@ def _stage_info(name: str, metrics: dict) -> StageInfo:
                      float(metrics["mlm_probability"]))
 
 
-def _card_info(name: str, inputs: ReleaseInputs, corpora: dict[str, CorpusInfo], stages: dict[str, StageInfo],
-               evaluations: dict[str, dict], scores: dict[str, dict[str, float]]) -> CardInfo:
+def _card_info(name: str, inputs: ReleaseInputs, metrics: dict, corpora: dict[str, CorpusInfo],
+               stages: dict[str, StageInfo], evaluations: dict[str, dict],
+               scores: dict[str, dict[str, float]]) -> CardInfo:
     folder = inputs.models[name]
     config = _read_json(folder / MODEL_CONFIG_FILE)
-    metrics = _read_json(folder / METRICS_FILE)
     order = list(MODEL_NAMES)[: list(MODEL_NAMES).index(name) + 1]  # the stages that led to these weights
     trained_on = {STAGE_CORPUS[s] for s in order}
     # The card reports MLM on the corpora these weights trained on; release.json keeps every set's.
@@ -145,7 +145,7 @@ def write_release(inputs: ReleaseInputs, out_dir: Path, copy: Callable = shutil.
         target = out_dir / MODEL_NAMES[name]
         shutil.copytree(folder, target, copy_function=copy,
                         ignore=shutil.ignore_patterns("_manifest.json"))  # the store's, not the model's
-        write_model_card(target, _card_info(name, inputs, corpora, stages, evaluations, scores))
+        write_model_card(target, _card_info(name, inputs, model_metrics[name], corpora, stages, evaluations, scores))
         models[name] = {"folder": target.name, "jglue": scores.get(name, {}),
                         "mlm": evaluations[name]["mlm"] if name in evaluations else {}}
     atomic_write_bytes(out_dir / PLOTS["loss_curves"],

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tinyplm_lib.errors import ConfigError, InputError
-from tinyplm_lib.files import json_text, tmp_path
+from tinyplm_lib.files import json_text, replace_dir, tmp_path
 from tinyplm_lib.layout import TOKENIZER_CONFIG_FILE, TOKENIZER_INFO_FILE, VOCAB_FILE
 from tinyplm_lib.parallel import WorkerPool, map_in_order, pool_or_own, resolve_workers
 from tinyplm_lib.tokens.encoding import worker_segmenter
@@ -317,7 +317,8 @@ def train_tokenizer(sample_path: Path, out_dir: Path, settings: TokenizerSetting
         train_seconds = round(time.perf_counter() - started, 3)
         sample.path.unlink()
         info = _write_folder(build, tokens, sample, settings)
-        _replace_dir(build, out_dir)
+        replace_dir(build, out_dir, is_ours=lambda folder: (folder / TOKENIZER_CONFIG_FILE).exists(),
+                    what="a tokenizer folder")
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
@@ -376,19 +377,6 @@ def _make_config_portable(config_path: Path) -> None:
         config["additional_special_tokens"] = extra
     config.setdefault("clean_up_tokenization_spaces", False)
     config_path.write_text(json_text(config, indent=2, sort_keys=True, ensure_ascii=False), encoding="utf-8")
-
-
-def _replace_dir(build: Path, out_dir: Path) -> None:
-    """Move the finished folder into place, replacing an earlier tokenizer folder only."""
-    if out_dir.exists():
-        if not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / TOKENIZER_CONFIG_FILE).exists()):
-            raise InputError(out_dir, "exists and is not a tokenizer folder; refusing to replace it")
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-        os.replace(build, out_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(build, out_dir)
 
 
 def load_tokenizer(tokenizer_dir: Path):
