@@ -107,7 +107,17 @@ def test_the_profiles_pass_both_checks(profile):
         ("bert_stage1_cc100", {"max_eval_sequences": 0}, "max_eval_sequences"),
         ("bert_stage1_cc100", {"model_config_path": "configs/model/nowhere.json"}, "model_config_path"),
         ("bert_stage2_jawiki", {"runtime": {"precision": "fp8"}}, "runtime.precision"),
-        ("bert_stage2_jawiki", {"distributed": {"processes": -1}}, "distributed.processes"),
+        ("bert_stage2_jawiki", {"distributed": {"processes_per_node": -1}}, "distributed.processes_per_node"),
+        ("bert_stage1_cc100", {"distributed": {"nodes": 0}}, "distributed.nodes"),
+        ("bert_stage1_cc100", {"distributed": {"launcher": "slurm"}}, "distributed.launcher"),
+        ("bert_stage1_cc100", {"distributed": {"nodes": 2, "rdzv_endpoint": "head-0"}}, "distributed.rdzv_endpoint"),
+        ("bert_stage1_cc100", {"distributed": {"rdzv_id": "run-7"}}, "distributed.rdzv_id"),  # one node: static
+        ("bert_stage1_cc100", {"distributed": {"nodes": 2, "launcher": "kubernetes", "processes_per_node": 1}},
+         "distributed.rdzv_endpoint"),  # pods need a reachable host
+        ("bert_stage1_cc100", {"distributed": {"nodes": 2, "launcher": "kubernetes", "rdzv_endpoint": "h:29400"}},
+         "distributed.processes_per_node"),
+        ("bert_stage1_cc100", {"distributed": {"nodes": 2, "launcher": "kubernetes", "rdzv_endpoint": "h:29400",
+                                               "processes_per_node": 1}}, "distributed.kubernetes.image"),
     ],
 )
 def test_impossible_values_are_named_by_their_run_config_path(op, values, setting):

@@ -3,7 +3,8 @@
 `torchrun` starts 2 real processes on 127.0.0.1. With dropout off and fp32, 2 processes with a
 per-device batch of 4 must compute the same updates as 1 process with a batch of 8: same global
 step, same losses (to float rounding), one model folder written by rank 0. The Dagster path
-(torchrun launched from the asset through Dagster Pipes) is in test_distributed_asset.py.
+(torchrun launched from the asset through Dagster Pipes) is in test_distributed_asset.py, two
+nodes (a c10d rendezvous) in test_multinode.py.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.training.distributed import loopback_env, torchrun_command
 from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, train_stage
 
@@ -65,6 +67,20 @@ def _command(tmp_path: Path, data: Path, out: Path, model: Path, *, steps: int, 
     return torchrun_command(2, [str(script), str(data), str(out), str(model), str(ARGS), "4", str(steps), str(pace)])
 
 
+def test_a_node_of_several_joins_a_c10d_rendezvous_and_binds_loopback_on_a_loopback_endpoint():
+    node = torchrun_command(2, ["-m", "worker"], nodes=3, rdzv_endpoint="127.0.0.1:29400", rdzv_id="run-1",
+                            rdzv_host=False, python="python")
+    assert node == ["python", "-m", "torch.distributed.run", "--nnodes=3", "--nproc-per-node=2",
+                    "--rdzv-backend=c10d", "--rdzv-endpoint=127.0.0.1:29400", "--rdzv-id=run-1",
+                    "--rdzv-conf=is_host=0", "--local-addr=127.0.0.1", "-m", "worker"]
+    pod = torchrun_command(1, ["-m", "worker"], nodes=2, rdzv_endpoint="head-0.tinyplm:29400", rdzv_id="run-1")
+    assert not any(arg.startswith(("--master", "--local-addr", "--rdzv-conf")) for arg in pod)
+    with pytest.raises(ConfigError, match="distributed.rdzv_endpoint"):
+        torchrun_command(1, ["w"], nodes=2, rdzv_endpoint="head-0", rdzv_id="run-1")
+    with pytest.raises(ConfigError, match="distributed.rdzv_id"):
+        torchrun_command(1, ["w"], nodes=2, rdzv_endpoint="head-0:29400")
+
+
 def _options(model: Path, batch: int) -> StageOptions:
     return StageOptions(model_config=model, training_args=ARGS, max_seq_length=64,
                         overrides={"max_steps": 12, "logging_steps": 3, "per_device_train_batch_size": batch})
@@ -77,7 +93,7 @@ def test_two_gloo_processes_match_one_process_with_twice_the_batch(data, no_drop
 
     out = tmp_path / "ddp" / "model"
     done = subprocess.run(_command(tmp_path, data, out, no_dropout, steps=12), capture_output=True, text=True,
-                          env=ENV, timeout=600)
+                          env=ENV, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     rank0 = json.loads((tmp_path / "ddp" / "rank0.json").read_text())
@@ -113,12 +129,12 @@ def test_two_processes_killed_midway_resume_from_the_checkpoint(data, no_dropout
     assert len(workers) == 2
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
-    gone, alive = psutil.wait_procs(workers, timeout=10)
+    _gone, alive = psutil.wait_procs(workers, timeout=10)
     assert not alive, f"workers outlived torchrun: {alive}"
     assert not (out / "metrics.json").exists()
 
     done = subprocess.run(_command(tmp_path, data, out, no_dropout, steps=20), capture_output=True, text=True,
-                          env=ENV, timeout=600)
+                          env=ENV, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "rank0.json").read_text())
     assert metrics["global_step"] == 20 and metrics["processes"] == 2

@@ -2,12 +2,14 @@
 
 The upstream artifacts (demo JaWiki token shards and tokenizer, built with the library) are
 published into a local store under the keys the assets use; then `bert_stage1_cc100` alone is
-materialised with `distributed.processes: 2`. Rank 0's log lines must reach the run's event log,
+materialised with `distributed.processes_per_node: 2`. Rank 0's log lines must reach the run's event log,
 its metrics must come back as the materialisation's metadata, and the stored folder must be a
 model `AutoModelForMaskedLM` loads.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -18,33 +20,45 @@ from conftest import REPO_ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_stage1_with_two_processes_reports_rank0_metadata_through_pipes(data, tmp_path):
-    from dagster import AssetSelection, DagsterInstance, load_assets_from_modules, materialize
-    from transformers import AutoModelForMaskedLM
+def publish_inputs(data: Path, home: Path):
+    """The stage's upstream artifacts (conftest's `data`) in a local store under `home`; its storage resource."""
+    from tinyplm_assets.resources import ArtifactStorage
 
-    from tinyplm_assets.assets import corpora, models, sources, tokenizer, tokens
-    from tinyplm_assets.resources import ArtifactIOManager, ArtifactStorage
-
-    home = tmp_path / "home"
     store = LocalArtifactStore(home / "artifacts")
     store.publish(artifact_key(["cc100_ja_tokens"]), data / "shards", move=False)
     store.publish(artifact_key(["wordpiece_tokenizer"]), data / "tok", move=False)
-    storage = ArtifactStorage(home=str(home))
-    stage = {"model_config_path": str(REPO_ROOT / "configs/model/bert-demo.json"),
-             "training_args_path": str(REPO_ROOT / "configs/train/demo-stage1.json"),
-             "max_seq_length": 64, "max_steps": 8, "per_device_train_batch_size": 4,
-             "runtime": {"dataloader_workers": 0, "precision": "fp32"},
-             "distributed": {"processes": 2}}
+    return ArtifactStorage(home=str(home))
+
+
+def materialise_stage(storage, stage: dict, *, raise_on_error: bool = True):
+    """`bert_stage1_cc100` alone with `stage` as its config: (the result, the run's log lines)."""
+    from dagster import AssetSelection, DagsterInstance, load_assets_from_modules, materialize
+
+    from tinyplm_assets.assets import corpora, models, sources, tokenizer, tokens
+    from tinyplm_assets.resources import ArtifactIOManager
+
     with DagsterInstance.ephemeral() as instance:
         result = materialize(
             load_assets_from_modules([sources, corpora, tokenizer, tokens, models]),
             selection=AssetSelection.assets("bert_stage1_cc100"),
             resources={"storage": storage, "io_manager": ArtifactIOManager(storage=storage)},
             run_config={"ops": {"bert_stage1_cc100": {"config": stage}}},
-            instance=instance,
+            instance=instance, raise_on_error=raise_on_error,
         )
-        assert result.success
-        logs = [entry.user_message for entry in instance.all_logs(result.run_id)]
+        return result, [entry.user_message for entry in instance.all_logs(result.run_id)]
+
+
+def test_stage1_with_two_processes_reports_rank0_metadata_through_pipes(data, tmp_path):
+    from transformers import AutoModelForMaskedLM
+
+    home = tmp_path / "home"
+    stage = {"model_config_path": str(REPO_ROOT / "configs/model/bert-demo.json"),
+             "training_args_path": str(REPO_ROOT / "configs/train/demo-stage1.json"),
+             "max_seq_length": 64, "max_steps": 8, "per_device_train_batch_size": 4,
+             "runtime": {"dataloader_workers": 0, "precision": "fp32"},
+             "distributed": {"processes_per_node": 2}}
+    result, logs = materialise_stage(publish_inputs(data, home), stage)
+    assert result.success
 
     (materialization,) = result.asset_materializations_for_node("bert_stage1_cc100")
     metadata = {key: value.value for key, value in materialization.metadata.items()}

@@ -15,6 +15,7 @@ from dagster import Config
 from pydantic import Field
 
 from tinyplm_assets.environment import PROJECT_ROOT
+from tinyplm_assets.k8s import KubernetesConfig, rendezvous
 from tinyplm_lib.corpora.cc100 import Cc100Settings
 from tinyplm_lib.corpora.jawiki import JawikiSettings
 from tinyplm_lib.downloads.dumps import CIRRUSSEARCH_INDEX_URL
@@ -24,7 +25,7 @@ from tinyplm_lib.evaluation.jglue import load_settings as load_jglue_settings
 from tinyplm_lib.evaluation.mlm import MlmEvalSettings
 from tinyplm_lib.parallel import available_cores
 from tinyplm_lib.tokens.tokenizer import TokenizerSettings
-from tinyplm_lib.training.distributed import default_processes
+from tinyplm_lib.training.distributed import default_processes, split_endpoint
 from tinyplm_lib.training.stage import RuntimeOptions, StageOptions
 
 _CC100 = Cc100Settings()
@@ -181,19 +182,67 @@ class RuntimeConfig(Config):
         return RuntimeOptions(**self.model_dump())
 
 
-class DistributedConfig(Config):
-    """How many training processes (`torchrun`, DDP) a stage uses; see `tinyplm_lib.training.distributed`."""
+LAUNCHERS = ("local", "kubernetes")
 
-    processes: int = Field(default=0, description="0 = one per visible GPU when there are several, else 1; "
-                                                  "above 1 the stage runs under torchrun (gloo on CPU)")
-    master_addr: str = Field(default="127.0.0.1", description="torchrun rendezvous address")
-    master_port: int = Field(default=0, description="torchrun rendezvous port; 0 = a free one")
+
+class DistributedConfig(Config):
+    """How a stage's training processes are laid out (`torchrun`, DDP); see `tinyplm_lib.training.distributed`.
+
+    `nodes` torchrun agents (machines) with `processes_per_node` workers each; one node keeps the static
+    rendezvous on `master_addr:master_port`, several join a c10d rendezvous on `rdzv_endpoint`.
+    """
+
+    nodes: int = Field(default=1, description="machines, one torchrun agent each; above 1 they join a c10d "
+                                              "rendezvous on rdzv_endpoint")
+    processes_per_node: int = Field(default=0, description="workers per node; 0 = one per visible GPU (shared out "
+                                                           "among local nodes), else 1. More than one process in "
+                                                           "all: torchrun (gloo on CPU)")
+    rdzv_endpoint: str = Field(default="", description="c10d rendezvous host:port (nodes > 1); required with the "
+                                                       "kubernetes launcher, '' with the local one = a free port "
+                                                       "on 127.0.0.1")
+    rdzv_id: str = Field(default="", description="c10d rendezvous id; '' = the Dagster run id (a re-run gets "
+                                                 "a new one)")
+    launcher: str = Field(default="local", description="local: every node's agent on this machine (several nodes "
+                                                       "emulated on loopback); kubernetes: one pod per node")
+    master_addr: str = Field(default="127.0.0.1", description="torchrun rendezvous address (one node)")
+    master_port: int = Field(default=0, description="torchrun rendezvous port (one node); 0 = a free one")
     torchrun_args: list[str] = Field(default_factory=list, description="extra torchrun arguments, as they are")
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig,
+                                         description="the training pods of launcher kubernetes")
+
+    def check(self) -> None:
+        """Raise a ConfigError naming the first field out of range or at odds with another."""
+        if self.nodes < 1:
+            raise ConfigError("distributed.nodes", f"must be >= 1, got {self.nodes}")
+        if self.processes_per_node < 0:
+            raise ConfigError("distributed.processes_per_node", f"must be >= 0, got {self.processes_per_node}")
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError("distributed.launcher", f"{self.launcher!r}: use {' or '.join(LAUNCHERS)}")
+        if self.nodes == 1:
+            for name in ("rdzv_endpoint", "rdzv_id"):
+                if getattr(self, name):
+                    raise ConfigError(f"distributed.{name}", "used only with nodes > 1 (one node rendezvouses "
+                                                             "on master_addr:master_port)")
+        if self.rdzv_endpoint:
+            split_endpoint(self.rdzv_endpoint)
+        elif self.nodes > 1 and self.launcher == "kubernetes":
+            raise ConfigError("distributed.rdzv_endpoint", "required with launcher kubernetes: host:port of "
+                                                           "the pod (service) that hosts the rendezvous")
+        if self.launcher == "kubernetes":
+            if self.processes_per_node == 0:
+                raise ConfigError("distributed.processes_per_node", "set it with launcher kubernetes: the pods' "
+                                                                    "GPUs are not visible from here")
+            self.kubernetes.validate_for(self.nodes)
+            self.kubernetes.check_processes(self.processes_per_node)
+            if self.nodes > 1:
+                rendezvous(self.rdzv_endpoint)  # the host must name the Service that selects node 0's pod
 
     def resolve(self) -> int:
-        if self.processes < 0:
-            raise ConfigError("distributed.processes", f"must be >= 0, got {self.processes}")
-        return self.processes or default_processes()
+        """Processes per node: the setting, or one per GPU this machine shares among its local nodes (else 1)."""
+        self.check()
+        if self.processes_per_node:
+            return self.processes_per_node
+        return max(1, default_processes() // self.nodes)
 
 
 class TrainingStageConfig(Config):
@@ -208,7 +257,7 @@ class TrainingStageConfig(Config):
     per_device_train_batch_size: Optional[int] = Field(default=None, description="overrides the JSON's")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="speed-only settings")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig,
-                                           description="data-parallel processes (torchrun)")
+                                           description="data-parallel nodes and processes (torchrun)")
 
     def to_options(self, init_from: Path | None = None) -> StageOptions:
         return StageOptions(

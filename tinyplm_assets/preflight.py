@@ -68,8 +68,7 @@ def _training_stage(config: TrainingStageConfig) -> None:
         raise ConfigError("runtime.precision", f"{config.runtime.precision!r}: use {', '.join(_PRECISIONS)}")
     if config.runtime.dataloader_workers < 0:
         raise ConfigError("runtime.dataloader_workers", f"must be >= 0, got {config.runtime.dataloader_workers}")
-    if config.distributed.processes < 0:
-        raise ConfigError("distributed.processes", f"must be >= 0, got {config.distributed.processes}")
+    config.distributed.check()
 
 
 CHECKS: dict[str, tuple[type, Callable]] = {

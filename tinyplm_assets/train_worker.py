@@ -1,8 +1,9 @@
 """One torchrun process of a data-parallel training stage: `python -m tinyplm_assets.train_worker SPEC.json`.
 
 Started by `tinyplm_assets.training_launch`; every rank reads the same `StageSpec` and trains with
-its place in the process group. Rank 0 alone opens the Dagster Pipes session (its log lines and
-final metrics reach the run); the others print to stderr. In tinyplm_assets because it speaks Pipes.
+its place in the process group. Local rank 0 of each node opens that node's Dagster Pipes session;
+global rank 0 alone sends its log lines and final metrics through it, the others print to stderr.
+In tinyplm_assets because it speaks Pipes.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import json
 import sys
 import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 from dagster_pipes import open_dagster_pipes
 
@@ -83,6 +84,10 @@ def _checkpoints(spec: StageSpec) -> CheckpointSink | None:
     return StoreCheckpointSink(ArtifactStorage(**spec.storage).store(), spec.checkpoint_prefix)
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m tinyplm_assets.train_worker SPEC.json (started by torchrun)", file=sys.stderr)
@@ -92,12 +97,13 @@ def main(argv: list[str]) -> int:
     # Killed with the Dagster step (or torchrun's agent), not left training as orphans.
     distributed.exit_with_parent(*(() if spec.launcher_pid is None else (spec.launcher_pid,)))
     try:
-        if world.is_main:
+        if world.local_rank == 0:  # each node's agent runs in a Pipes session of its own
             with open_dagster_pipes() as pipes:
-                metrics = train(spec, pipes.log.info, _checkpoints(spec), world)
-                pipes.report_asset_materialization(metadata=pipes_metadata(metrics))
+                metrics = train(spec, pipes.log.info if world.is_main else _stderr, _checkpoints(spec), world)
+                if world.is_main:
+                    pipes.report_asset_materialization(metadata=pipes_metadata(metrics))
         else:
-            train(spec, lambda message: print(message, file=sys.stderr), _checkpoints(spec), world)
+            train(spec, _stderr, _checkpoints(spec), world)
     finally:
         distributed.shutdown()
     return 0

@@ -17,7 +17,7 @@ from tinyplm_assets.resources import ArtifactStorage
 from tinyplm_assets.training_launch import run_stage
 from tinyplm_lib.layout import LOSS_CURVE_FILE
 
-# Read by dagster-k8s (pod resources: one GPU; a stage with distributed.processes N needs the limit
+# Read by dagster-k8s (pod resources: one GPU; a stage with distributed.processes_per_node N needs the limit
 # raised to N in its op tags). The docker deployment's run launcher reads no tags: it requests the
 # GPUs for every run container instead.
 GPU_OP_TAGS = {

@@ -2,7 +2,8 @@
 
 A stage runs as one process (`single()`) or as one of `torchrun`'s processes (`from_env()`: reads
 RANK / WORLD_SIZE / LOCAL_RANK and joins the process group, NCCL on GPUs, gloo on CPUs);
-`torchrun_command()` builds the launch command for one machine. The contract below the imports.
+`torchrun_command()` builds one node's launch command (static rendezvous on one machine, c10d
+across several). The contract below the imports.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def from_env() -> World:
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError("processes", f"local rank {local_rank} but only {torch.cuda.device_count()} "
-                                           "visible GPUs: use at most one process per GPU")
+            raise ConfigError("distributed.processes_per_node", f"local rank {local_rank} but only "
+                              f"{torch.cuda.device_count()} visible GPUs: use at most one process per GPU")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
@@ -138,19 +139,46 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def torchrun_command(processes: int, target: Sequence[str], *, master_addr: str = "127.0.0.1",
-                     master_port: int = 0, extra_args: Sequence[str] = ()) -> list[str]:
-    """`python -m torch.distributed.run …` for `processes` workers on this machine running `target`.
+def split_endpoint(endpoint: str) -> tuple[str, int]:
+    """`distributed.rdzv_endpoint` (`host:port`) as (host, port)."""
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError("distributed.rdzv_endpoint", f"{endpoint!r}: use host:port, e.g. 10.0.0.5:29400")
+    return host, int(port)
 
-    The interpreter is this one (so the same virtualenv), and the rendezvous is static on
-    `master_addr:master_port` (a free loopback port by default), so nothing listens beyond the
-    machine unless asked. `extra_args` go to torchrun as they are (e.g. multi-node settings).
+
+def torchrun_command(processes: int, target: Sequence[str], *, master_addr: str = "127.0.0.1",
+                     master_port: int = 0, extra_args: Sequence[str] = (), nodes: int = 1,
+                     rdzv_endpoint: str = "", rdzv_id: str = "", rdzv_host: bool | None = None,
+                     python: str = sys.executable) -> list[str]:
+    """`python -m torch.distributed.run …`: one node's agent, starting `processes` workers running `target`.
+
+    One node: a static rendezvous on `master_addr:master_port` (a free loopback port by default), so
+    nothing listens beyond the machine unless asked. Several: a c10d rendezvous on `rdzv_endpoint`
+    under `rdzv_id`; `rdzv_host` says whether this agent hosts its store (None: torchrun decides by
+    host name, which on loopback every agent matches). On a loopback endpoint the agent also binds its
+    worker store there (`--local-addr`), not the address the host name resolves to. `python` is the
+    interpreter (default this one, the same virtualenv); `extra_args` go to torchrun as they are.
     """
     if processes < 1:
-        raise ConfigError("processes", f"must be >= 1, got {processes}")
-    port = master_port or free_port(master_addr)
-    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc-per-node={processes}",
-            f"--master-addr={master_addr}", f"--master-port={port}", *extra_args, *target]
+        raise ConfigError("distributed.processes_per_node", f"must be >= 1, got {processes}")
+    head = [python, "-m", "torch.distributed.run", f"--nnodes={nodes}", f"--nproc-per-node={processes}"]
+    if nodes == 1:
+        port = master_port or free_port(master_addr)
+        return [*head, f"--master-addr={master_addr}", f"--master-port={port}", *extra_args, *target]
+    host, _ = split_endpoint(rdzv_endpoint)
+    if not rdzv_id:
+        raise ConfigError("distributed.rdzv_id", "a multi-node run needs one (the Dagster run id by default)")
+    rendezvous = ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={rdzv_id}"]
+    if rdzv_host is not None:
+        rendezvous.append(f"--rdzv-conf=is_host={int(rdzv_host)}")
+    if is_loopback(host):
+        rendezvous.append(f"--local-addr={host}")
+    return [*head, *rendezvous, *extra_args, *target]
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "localhost")
 
 
 def loopback_env(master_addr: str) -> dict[str, str]:
@@ -158,6 +186,6 @@ def loopback_env(master_addr: str) -> dict[str, str]:
 
     Without it gloo binds the address the host name resolves to, which may be a public one.
     """
-    if master_addr not in ("127.0.0.1", "localhost"):
+    if not is_loopback(master_addr):
         return {}
     return {"GLOO_SOCKET_IFNAME": "lo", "NCCL_SOCKET_IFNAME": "lo"}
