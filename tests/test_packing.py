@@ -122,6 +122,13 @@ def test_batches_equal_the_reference_across_shard_boundaries(small_shards, max_s
         expected_ids, expected_attention = reference_batch(shards, ranges, indices, max_seq_length)
         assert ids.dtype == attention.dtype == torch.long
         assert torch.equal(ids, expected_ids) and torch.equal(attention, expected_attention)
+    # Static shapes (compiled training): the same rows padded out to the full length.
+    ids, attention = packed.batch(np.array([0]), width=max_seq_length)
+    expected_ids, expected_attention = reference_batch(shards, ranges, [0], max_seq_length)
+    width = expected_ids.shape[1]
+    assert ids.shape == attention.shape == (1, max_seq_length)
+    assert torch.equal(ids[:, :width], expected_ids) and torch.equal(attention[:, :width], expected_attention)
+    assert (ids[:, width:] == PAD).all() and (attention[:, width:] == 0).all()
     for index in (0, len(packed) // 2, -1):
         expected, _ = reference_batch(shards, ranges, [index], max_seq_length)
         assert packed[index].dtype == np.int64 and packed[index].tolist() == expected[0].tolist()

@@ -150,3 +150,99 @@ def test_masked_only_projection_gives_the_full_head_loss():
     logits, targets = masked_predictions(model, inputs, attention, labels)
     assert logits.shape == (15, 300)
     assert torch.nn.functional.cross_entropy(logits, targets).item() == pytest.approx(full.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("rows", [0, 1, 15, 16, 17, 70])
+def test_chunked_cross_entropy_equals_torch_in_loss_and_gradient(rows):
+    """The CPU loss (rows a chunk at a time) against torch's, for fp32 and bf16 logits, across chunk edges."""
+    import torch
+
+    from tinyplm_lib.training.cpu_kernels import ChunkedCrossEntropy
+    from tinyplm_lib.training.loop import masked_loss_sum
+
+    generator = torch.Generator().manual_seed(rows)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(rows, 5000, generator=generator) * 4).to(dtype)
+        targets = torch.randint(0, 5000, (rows,), generator=generator)
+        ours, theirs = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        loss = masked_loss_sum(ours, targets) * 0.37
+        expected = torch.nn.functional.cross_entropy(theirs.float(), targets, reduction="sum") * 0.37
+        (loss + 0 * ours.sum()).backward()  # a graph even with no rows
+        (expected + 0 * theirs.sum()).backward()
+        assert loss.dtype == torch.float32
+        assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-5)
+        assert ours.grad.dtype == dtype
+        assert torch.allclose(ours.grad.float(), theirs.grad.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5,
+                              atol=1e-3 if dtype == torch.bfloat16 else 1e-7)
+    assert ChunkedCrossEntropy.ROWS < 70  # the largest case spans several chunks
+
+
+def test_attention_setting_is_checked_and_resolved_per_device():
+    import torch
+
+    from tinyplm_lib.training.arguments import RuntimeOptions
+
+    assert RuntimeOptions().resolve_attention(torch.device("cpu")) == "tinyplm_cpu"
+    assert RuntimeOptions().resolve_attention(torch.device("cuda")) == "sdpa"
+    assert RuntimeOptions(attention="sdpa").resolve_attention(torch.device("cpu")) == "sdpa"
+    with pytest.raises(ConfigError, match="attention"):
+        RuntimeOptions(attention="flash").resolve_attention(torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_compiled_training_matches_eager_without_dropout(data, tmp_path):
+    """`runtime.compile`: static-width batches and a compiled encoder train like the eager path (no dropout,
+    whose random streams differ): the same losses step by step and the same final evaluation."""
+    import torch._dynamo
+
+    from tinyplm_lib.training.stage import RuntimeOptions
+
+    config = json.loads(MODEL.read_text()) | {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    (tmp_path / "model.json").write_text(json.dumps(config))
+    runs = {}
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        options = StageOptions(model_config=tmp_path / "model.json", training_args=ARGS, max_seq_length=64,
+                               overrides={"max_steps": 6, "logging_steps": 1})
+        runs[compiled] = train_stage(data / "shards" / "train", data / "shards" / "validation", data / "tok",
+                                     tmp_path / f"out-{compiled}", options,
+                                     runtime=RuntimeOptions(precision="fp32", compile=compiled, dataloader_workers=0))
+    losses = {compiled: [h["train_loss"] for h in run["history"] if "train_loss" in h] for compiled, run in runs.items()}
+    assert len(losses[True]) == 6
+    # Fused kernels sum in another order: equal at first, drifting by float rounding as updates compound.
+    assert losses[True][:3] == pytest.approx(losses[False][:3], rel=2e-3)
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+    assert runs[True]["eval_loss"] == pytest.approx(runs[False]["eval_loss"], rel=1e-2)
+
+
+def test_cpu_attention_and_dropout_are_the_same_functions():
+    """`tinyplm_cpu` attention equals HF's eager attention without dropout (with padding masked); with
+    dropout, FastDropout keeps ~1 − p of the elements, scaled by 1 / (1 − p), and nothing in eval mode."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    from tinyplm_lib.training.cpu_kernels import CPU_ATTENTION, FastDropout, use_fast_dropout
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = BertForMaskedLM(config).eval()
+    inputs = torch.randint(5, 300, (3, 20))
+    attention = torch.ones_like(inputs)
+    attention[1, 12:] = 0  # padding: the additive mask must reach the custom function
+    model.set_attn_implementation("eager")
+    expected = model(input_ids=inputs, attention_mask=attention).logits
+    model.set_attn_implementation(CPU_ATTENTION)
+    ours = model(input_ids=inputs, attention_mask=attention).logits
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+    training = BertForMaskedLM(BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=128))
+    assert use_fast_dropout(training) == sum(isinstance(m, torch.nn.Dropout) for m in training.modules()) > 0
+    assert all(type(m) is FastDropout for m in training.modules() if isinstance(m, torch.nn.Dropout))
+    dropout = FastDropout(0.1)
+    x = torch.ones(400_000)
+    y = dropout(x)
+    assert (y == 0).float().mean().item() == pytest.approx(0.1, abs=0.005)
+    assert y.unique().tolist() == [0.0, pytest.approx(1 / 0.9)]
+    assert torch.equal(dropout.eval()(x), x)

@@ -180,6 +180,7 @@ class RuntimeConfig(Config):
 
     def to_options(self) -> RuntimeOptions:
         return RuntimeOptions(**self.model_dump())
+    attention: str = Field(default=_RUNTIME.attention, description="auto (tinyplm_cpu on CPU, sdpa on GPU) | tinyplm_cpu | eager | sdpa")
 
 
 LAUNCHERS = ("local", "kubernetes")

@@ -62,9 +62,20 @@ class RuntimeOptions:
 
     precision: str = "auto"
     tf32: bool = True  # TensorFloat-32 matmuls on CUDA
-    compile: bool = False  # torch.compile the encoder (the first steps pay for compilation)
+    compile: bool = False  # torch.compile the encoder and loss (the first steps pay for compilation)
     dataloader_workers: int = 2  # processes building masked batches; 0 = in the training process
     max_wall_time_s: float | None = None
+    # "auto": on a CPU "tinyplm_cpu" (training.cpu_kernels: eager attention and dropout rearranged; with
+    # attention dropout on, SDPA runs an unfused fallback there), on a GPU "sdpa". "eager" and "sdpa"
+    # are Hugging Face's own. The same function whichever is chosen.
+    attention: str = "auto"
+
+    def resolve_attention(self, device: torch.device) -> str:
+        if self.attention not in ("auto", "eager", "sdpa", "tinyplm_cpu"):
+            raise ConfigError("attention", f"{self.attention!r}: use auto, tinyplm_cpu, eager or sdpa")
+        if self.attention != "auto":
+            return self.attention
+        return "tinyplm_cpu" if device.type == "cpu" else "sdpa"
 
     def resolve_precision(self, device: torch.device) -> str:
         if self.precision not in ("auto", "bf16", "fp16", "fp32"):

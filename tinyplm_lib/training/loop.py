@@ -18,6 +18,7 @@ from transformers import TrainingArguments
 from tinyplm_lib.layout import TRAINER_DIR
 from tinyplm_lib.training.arguments import plain_value
 from tinyplm_lib.training.checkpoints import CheckpointSink
+from tinyplm_lib.training.cpu_kernels import ChunkedCrossEntropy
 from tinyplm_lib.training.distributed import World
 from tinyplm_lib.training.model import MaskedLM
 from tinyplm_lib.training.packing import MicroBatch, MicroBatches
@@ -37,7 +38,7 @@ def train_loop(stage: PreparedStage, checkpoints: CheckpointSink | None,
     """Train from `stage.state` on; `on_step(step)` runs after every optimizer step and its checkpoint."""
     args, state, world, runtime = stage.arguments.args, stage.state, stage.world, stage.runtime
     save_every = _save_interval(args, stage.total_steps, checkpoints, stage.log)
-    forward = _forward(stage)
+    forward, loss_sum_of = _forward(stage)
     # The running loss stays on the device: a .item() per micro-batch would stall a GPU.
     loss_sum = torch.tensor(state.running_loss, dtype=torch.float64, device=world.device)
     stopped_early = False
@@ -45,7 +46,7 @@ def train_loop(stage: PreparedStage, checkpoints: CheckpointSink | None,
     loader = _loader(stage)
     if state.global_step < stage.total_steps:
         for batch in loader:
-            if not _micro_step(stage, forward, batch, loss_sum):
+            if not _micro_step(stage, forward, loss_sum_of, batch, loss_sum):
                 continue  # gradients accumulate until the optimizer-step boundary
             _optimizer_step(stage)
             _after_step(stage, loss_sum, checkpoints, save_every)
@@ -60,16 +61,25 @@ def train_loop(stage: PreparedStage, checkpoints: CheckpointSink | None,
     return LoopEnd(stopped_early=stopped_early, wall_s=time.perf_counter() - stage.started)
 
 
-def _forward(stage: PreparedStage) -> torch.nn.Module:
-    """The model's masked-position forward, compiled and wrapped for DDP as the runtime asks."""
-    if stage.runtime.compile:
-        stage.model.bert.compile(dynamic=True)  # in place: parameter names (and the saved file) unchanged
-    forward = MaskedLM(stage.model)
+def _forward(stage: PreparedStage) -> tuple[torch.nn.Module, Callable]:
+    """The model's masked-position forward and the loss, compiled and wrapped for DDP as the runtime asks."""
+    # The loss sees a varying number of masked positions: compiled with dynamic shapes, on GPUs only
+    # (a CPU runs the chunked loss below, already cache-resident; its Python loop would recompile).
+    compile_loss = stage.runtime.compile and stage.world.device.type != "cpu"
+    loss_sum_of = torch.compile(masked_loss_sum, dynamic=True) if compile_loss else masked_loss_sum
+    forward = MaskedLM(stage.model, compile=stage.runtime.compile)
     if stage.world.distributed:
         device = stage.world.device
         forward = torch.nn.parallel.DistributedDataParallel(
             forward, device_ids=[device.index] if device.type == "cuda" else None)
-    return forward
+    return forward, loss_sum_of
+
+
+def masked_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy summed over the masked positions, in fp32 whatever the autocast dtype."""
+    if logits.device.type == "cpu":
+        return ChunkedCrossEntropy.apply(logits, targets)
+    return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def _loader(stage: PreparedStage) -> torch.utils.data.DataLoader:
@@ -82,7 +92,9 @@ def _loader(stage: PreparedStage) -> torch.utils.data.DataLoader:
     batches = MicroBatches(stage.train_set, args.per_device_train_batch_size, stage.spec, seed=args.seed,
                            per_epoch=micro_per_epoch, start_epoch=state.epoch, start_micro=state.next_micro_index,
                            count=(stage.total_steps - state.global_step) * accumulation,
-                           rank=world.rank, world=world.size)
+                           rank=world.rank, world=world.size,
+                           # static shapes for the compiled encoder (a new width would recompile it)
+                           width=stage.arguments.max_seq_length if stage.runtime.compile else None)
     workers = stage.runtime.dataloader_workers
     return torch.utils.data.DataLoader(batches, batch_size=None, num_workers=workers,
                                        pin_memory=world.device.type == "cuda",
@@ -92,7 +104,7 @@ def _loader(stage: PreparedStage) -> torch.utils.data.DataLoader:
                                        generator=torch.Generator().manual_seed(args.seed))
 
 
-def _micro_step(stage: PreparedStage, forward, batch: MicroBatch, loss_sum: torch.Tensor) -> bool:
+def _micro_step(stage: PreparedStage, forward, loss_sum_of, batch: MicroBatch, loss_sum: torch.Tensor) -> bool:
     """Forward and backward of one micro-batch; True when it ends an optimizer step."""
     args, state, world, device = stage.arguments.args, stage.state, stage.world, stage.world.device
     accumulation = args.gradient_accumulation_steps
@@ -108,8 +120,7 @@ def _micro_step(stage: PreparedStage, forward, batch: MicroBatch, loss_sum: torc
         # Summed over this slice and divided by the global masked count (times the world size,
         # which DDP's gradient averaging divides out): the mean over the global micro-batch, as
         # one process computes it. No masked token gives 0, not NaN.
-        loss = (torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-                * (world.size / max(int(batch.global_masked), 1)))
+        loss = loss_sum_of(logits, targets) * (world.size / max(int(batch.global_masked), 1))
         stage.scaler.scale(loss / accumulation).backward()
     loss_sum += loss.detach().double()
     state.running_count += 1

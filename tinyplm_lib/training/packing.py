@@ -104,17 +104,17 @@ class PackedSequences(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> np.ndarray:
         return self._ids(np.array([range(len(self))[index]]))[0]
 
-    def batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        """(input_ids, attention_mask) of the given sequences, padded to the longest of them."""
+    def batch(self, indices: np.ndarray, width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask) of the given sequences, padded to the longest of them (or to `width`)."""
         indices = np.asarray(indices, dtype=np.int64)
-        ids = torch.from_numpy(self._ids(indices))
+        ids = torch.from_numpy(self._ids(indices, width))
         lengths = torch.from_numpy(self.seq_lengths[indices].astype(np.int64))
         # From lengths, not from ids == [PAD]: a literal "[PAD]" in the text is a real token.
         attention = (torch.arange(ids.shape[1])[None, :] < lengths[:, None]).long()
         return ids, attention
 
-    def _ids(self, indices: np.ndarray) -> np.ndarray:
-        """int64 ids (len(indices), longest length): `[CLS] s1 [SEP] s2 [SEP] …`, then [PAD]."""
+    def _ids(self, indices: np.ndarray, width: int | None = None) -> np.ndarray:
+        """int64 ids (len(indices), longest length or `width`): `[CLS] s1 [SEP] s2 [SEP] …`, then [PAD]."""
         limit = self.max_seq_length
         first = self.sentence_bounds[indices].astype(np.int64)
         count = self.sentence_bounds[indices + 1] - first
@@ -134,7 +134,7 @@ class PackedSequences(torch.utils.data.Dataset):
         size[order] = end_o - start_o
         before = np.cumsum(size + 1) - (size + 1)
         start = 1 + before - np.repeat(before[lead], count)  # column of each sentence's first token
-        ids = np.full((len(indices), int(self.seq_lengths[indices].max())), self.pad_id, dtype=np.int64)
+        ids = np.full((len(indices), width or int(self.seq_lengths[indices].max())), self.pad_id, dtype=np.int64)
         ids[:, 0] = self.cls_id
         # Flat indices (row × width + column): a 2-D fancy index took 1.5 times as long.
         flat, row_start = ids.reshape(-1), row * ids.shape[1]
@@ -179,8 +179,9 @@ class MicroBatches(torch.utils.data.Dataset):
 
     def __init__(self, sequences: PackedSequences, batch_size: int, spec: MaskingSpec, *, seed: int,
                  per_epoch: int, start_epoch: int, start_micro: int, count: int,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, width: int | None = None) -> None:
         self.sequences, self.batch_size, self.spec, self.seed = sequences, batch_size, spec, seed
+        self.width = width  # pad every batch to this many positions (static shapes); None: the longest
         self.per_epoch, self.start_epoch, self.start_micro, self.count = per_epoch, start_epoch, start_micro, count
         self.rank, self.world = rank, world
         self._orders: dict[int, np.ndarray] = {}
@@ -202,7 +203,7 @@ class MicroBatches(torch.utils.data.Dataset):
         # identical to one process's and for no communication.
         size = self.batch_size * self.world
         chosen = self.order(epoch)[micro * size:(micro + 1) * size]
-        ids, attention = self.sequences.batch(chosen)
+        ids, attention = self.sequences.batch(chosen, self.width)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch * 100_003 + micro)
         inputs, labels = mask_tokens(ids, self.spec, generator)
         masked, tokens = int((labels != IGNORE_INDEX).sum()), int(attention.sum())
