@@ -20,7 +20,12 @@ import pytest
 import yaml
 from dagster import AssetKey, DagsterEventType, DagsterInstance, MetadataValue, materialize
 
-from tinyplm_assets.checks import StageCheckConfig, bert_stage1_cc100_loss_checks
+from tinyplm_assets.checks import (
+    Cc100SplitCheckConfig,
+    SplitCheckConfig,
+    StageCheckConfig,
+    bert_stage1_cc100_loss_checks,
+)
 from tinyplm_assets.definitions import defs
 from tinyplm_assets.resources import ArtifactIOManager, ArtifactStorage
 from tinyplm_lib.errors import InputError
@@ -149,6 +154,24 @@ def test_check_split_judges_counts_budget_draw_and_overlap(tmp_path):
     assert checks.overlap.passed
 
 
+def test_cc100_overlap_limit_is_zero_when_the_corpus_was_deduplicated(tmp_path):
+    # One shared line in 40 validation lines (2.5%): within what a corpus built without dedup may
+    # share (5%), a bug in one built with it.
+    (tmp_path / "train.txt").write_text("".join(f"訓練文{i}。\n" for i in range(40)) + "共有文。\n", encoding="utf-8")
+    (tmp_path / "validation.txt").write_text("".join(f"検証文{i}。\n" for i in range(39)) + "共有文。\n",
+                                             encoding="utf-8")
+    config = Cc100SplitCheckConfig()
+    for reported, limit in (({"dedup": False}, 0.05), ({}, 0.05), ({"dedup": True}, 0.0)):
+        assert config.overlap_limit(reported) == limit
+        checks = check_split(tmp_path / "train.txt", tmp_path / "validation.txt", {"lines_train": 41},
+                             {"lines_validation": 40, **reported}, cc100_validation_draw,
+                             max_overlap_fraction=config.overlap_limit(reported), max_sigmas=5.0)
+        assert checks.overlap.passed is (limit > 0), reported
+        assert checks.overlap.figures["overlap_lines"] == 1
+    # JaWiki's threshold is its own (0 by default): the cc100 flag does not touch it.
+    assert SplitCheckConfig(max_overlap_fraction=0.1).overlap_limit({"dedup": True}) == 0.1
+
+
 def test_loss_checks_read_metrics_json_and_fail_on_nan(tmp_path):
     metrics = {"eval_loss": float("nan"), "untrained_eval_loss": 8.2, "initial_eval_loss": 8.2,
                "train_loss": 7.0, "history": [{"step": 10, "train_loss": float("inf")}]}
@@ -217,6 +240,8 @@ def test_data_checks_pass_and_downstream_assets_are_built(data_run):
     assert {"cc100_ja_tokens", "jawiki_tokens"} <= _materialised(result)
     overlap = evaluations[("jawiki_validation", "no_train_overlap")].metadata
     assert overlap["overlap_lines"].value == 0
+    overlap = evaluations[("cc100_ja_validation", "no_train_overlap")].metadata
+    assert overlap["overlap_lines"].value == 0 and overlap["max_overlap_fraction"].value == 0.0  # dedup: true
     counts = evaluations[("cc100_ja_validation", "line_counts")].metadata
     assert counts["lines"].value == counts["reported_lines"].value > 0
     assert counts["lines"].value <= counts["line_budget"].value == DEMO_OPS["cc100_ja_corpus"]["config"][
@@ -255,15 +280,20 @@ def test_data_assets_show_samples_tokenisation_and_their_inputs(data_run, instan
         AssetKey("tokenizer_sample"))
 
 
-def test_overlapping_split_stops_the_tokens_and_training(tmp_path):
-    # 40 documents that all hold one identical line: whole-document splits cannot keep it out of
-    # either side, so a third of the validation lines also occur in train.
+def _shared_line_corpus(tmp_path: Path) -> Path:
+    """40 documents that all hold one identical line: whole-document splits cannot keep it out of
+    either side unless it is deduplicated."""
     documents = [f"文書{i}の一行目です。\n文書{i}の二行目です。\nどの文書にもある同じ行です。\n" for i in range(40)]
     raw = tmp_path / "overlap-cc100.txt"
     raw.write_text("\n".join(documents), encoding="utf-8")
+    return raw
+
+
+def test_overlapping_split_stops_the_tokens_and_training(tmp_path):
+    # Without dedup a third of the validation lines also occur in train.
     ops = ["cc100_ja_raw", "cc100_ja_corpus", "cc100_ja_tokens", "bert_stage1_cc100"]
-    overrides = {"cc100_ja_raw": {"url": raw.as_uri()},
-                 "cc100_ja_corpus": {"max_validation_lines": 60, "validation_doc_fraction": 0.3},
+    overrides = {"cc100_ja_raw": {"url": _shared_line_corpus(tmp_path).as_uri()},
+                 "cc100_ja_corpus": {"max_validation_lines": 60, "validation_doc_fraction": 0.3, "dedup": False},
                  "bert_stage1_cc100": QUICK_TRAINING}
     with DagsterInstance.ephemeral() as instance:
         result = _materialize(tmp_path / "home", instance,
@@ -281,6 +311,25 @@ def test_overlapping_split_stops_the_tokens_and_training(tmp_path):
     # make them fail if they were started).
     assert _started(result) == {"cc100_ja_raw", "cc100_ja_corpus", "cc100_ja_split_checks"}
     assert [e.step_key for e in result.get_step_failure_events()] == ["cc100_ja_split_checks"]
+
+
+def test_deduplicated_split_shares_no_line(tmp_path):
+    # The same corpus with dedup (the default): the shared line stays in its first document only.
+    ops = ["cc100_ja_raw", "cc100_ja_corpus"]
+    overrides = {"cc100_ja_raw": {"url": _shared_line_corpus(tmp_path).as_uri()},
+                 "cc100_ja_corpus": {"max_validation_lines": 60, "validation_doc_fraction": 0.3}}
+    with DagsterInstance.ephemeral() as instance:
+        result = _materialize(tmp_path / "home", instance, ["cc100_ja_raw", "cc100_ja_train", "cc100_ja_validation"],
+                              _run_config(ops, overrides))
+        metadata = {name: value.value for name, value in _metadata(instance, "cc100_ja_validation").items()}
+    assert result.success
+    evaluations = _evaluations(result)
+    assert all(e.passed for e in evaluations.values())
+    overlap = evaluations[("cc100_ja_validation", "no_train_overlap")].metadata
+    assert overlap["overlap_lines"].value == 0 and overlap["max_overlap_fraction"].value == 0.0
+    assert metadata["dedup"] is True and metadata["lines_read"] == 120
+    assert metadata["dropped.lines_duplicate"] == 39 and metadata["details.lines_kept"] == 81
+    assert metadata["duplicate_examples"] == [{"line": "どの文書にもある同じ行です。", "occurrences": 40}]
 
 
 def test_unknown_token_limit_stops_encoding(data_run, instance):

@@ -25,7 +25,8 @@ from tinyplm_lib.files import AtomicTextWriter
 from tinyplm_lib.files import tmp_path as atomic_tmp_path
 
 CC100_LINES, CC100_VALIDATION = 20_000, 1_000
-CC100_SETTINGS = Cc100Settings(max_lines=CC100_LINES, max_validation_lines=CC100_VALIDATION)
+# The original's corpus (no dedup): every raw document comes out whole. Dedup: test_cc100_dedup.py.
+CC100_SETTINGS = Cc100Settings(max_lines=CC100_LINES, max_validation_lines=CC100_VALIDATION, dedup=False)
 
 
 def _lines(path: Path) -> list[str]:
@@ -42,6 +43,7 @@ def _assert_nothing_written(*paths: Path) -> None:
     for path in paths:
         assert not path.exists(), path
         assert not atomic_tmp_path(path).exists(), path
+        assert not list(path.parent.glob(".*-work-*")), "a builder's work folder is left"
 
 
 def _wiki_records(path: Path) -> list[tuple[dict, dict]]:
@@ -72,7 +74,7 @@ def test_read_lines_formats_numbering_and_bad_utf8(tmp_path):
     for path in paths:
         assert list(read_lines(path)) == [(1, "一行目"), (2, ""), (3, "三行目\r"), (4, "最後")]
     path = tmp_path / "bad.txt"
-    path.write_bytes("ok\nok\n".encode() + b"\xff\xfe broken\nok\n")
+    path.write_bytes(b"ok\nok\n" + b"\xff\xfe broken\nok\n")
     with pytest.raises(InputError) as info:
         list(read_lines(path))
     assert info.value.line == 3
@@ -119,7 +121,7 @@ def test_line_reader_seeks_in_plain_files_and_reports_bad_input(tmp_path):
         reader.seek(3, 1)
         assert reader.take(5) == (b"bb\ncc\n", 2)
         assert reader.take(5) == (b"", 0)
-    lines, (index, error) = decode_lines("ok\nok\n".encode() + b"\xff\xfe\nok\n")
+    lines, (index, error) = decode_lines(b"ok\nok\n" + b"\xff\xfe\nok\n")
     assert (lines, index, error.start) == (["ok", "ok"], 2, 0)
     with pytest.raises(InputError, match="empty"):
         (tmp_path / "empty.txt").write_bytes(b"")
@@ -143,10 +145,9 @@ def test_atomic_writer_renames_on_success_and_cleans_on_error(tmp_path):
         writer.write_line("a")
         assert writer.tmp_path.exists() and not path.exists()
     assert path.read_bytes() == b"a\n"
-    with pytest.raises(RuntimeError):
-        with AtomicTextWriter(path) as writer:
-            writer.write_line("b")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), AtomicTextWriter(path) as writer:
+        writer.write_line("b")
+        raise RuntimeError("boom")
     _assert_nothing_written(path)
 
 

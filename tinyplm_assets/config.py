@@ -112,6 +112,9 @@ class Cc100CorpusConfig(Config):
     )
     max_record_bytes: int = Field(default=_CC100.max_record_bytes,
                                   description="a longer line (bytes) is a bad record")
+    dedup: bool = Field(default=_CC100.dedup,
+                        description="drop every later exact repeat of a line (after NFKC and strip), so "
+                                    "train and validation share no line; false = the original's corpus")
     workers: int = Field(default=0, description="cleaning processes; 0 = all cores")
 
     def to_settings(self) -> Cc100Settings:
@@ -177,10 +180,11 @@ class RuntimeConfig(Config):
     tf32: bool = _RUNTIME.tf32
     compile: bool = Field(default=_RUNTIME.compile, description="torch.compile the encoder")
     dataloader_workers: int = _RUNTIME.dataloader_workers
+    attention: str = Field(default=_RUNTIME.attention,
+                           description="auto (tinyplm_cpu on CPU, sdpa on GPU) | tinyplm_cpu | eager | sdpa")
 
     def to_options(self) -> RuntimeOptions:
         return RuntimeOptions(**self.model_dump())
-    attention: str = Field(default=_RUNTIME.attention, description="auto (tinyplm_cpu on CPU, sdpa on GPU) | tinyplm_cpu | eager | sdpa")
 
 
 LAUNCHERS = ("local", "kubernetes")

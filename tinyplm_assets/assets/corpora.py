@@ -2,13 +2,14 @@
 
 `cc100_ja_corpus` and `jawiki_corpus` read their download once and write `*_train` and
 `*_validation`; splits are whole documents chosen by a seeded hash (re-runs are byte-identical).
+Both drop exact repeats of a line (cc100 unless `dedup: false`) and report how many.
 Bad lines are skipped up to `max_bad_records` and reported as `skipped_*`; one more fails the step.
 """
 
 
 from pathlib import Path
 
-from dagster import AssetExecutionContext, AssetOut, Output, multi_asset
+from dagster import AssetExecutionContext, AssetOut, MetadataValue, Output, multi_asset
 
 from tinyplm_assets.config import Cc100CorpusConfig, JawikiCorpusConfig, worker_count
 from tinyplm_assets.metadata import flat_counts, skipped_records, text_sample
@@ -27,14 +28,21 @@ def single_file(directory: Path) -> Path:
     return files[0]
 
 
-def _outputs(prefix: str, staged: dict[str, Path], stats: dict):
+def _outputs(prefix: str, staged: dict[str, Path], stats: dict, extra: dict | None = None):
     for split, directory in staged.items():
         yield Output(
             directory,
             output_name=f"{prefix}_{split}",
-            metadata={**flat_counts(stats), **skipped_records(stats),
+            metadata={**flat_counts(stats), **skipped_records(stats), **(extra or {}),
                       "sample": text_sample(directory / SENTENCES_FILE)},
         )
+
+
+def _dedup_metadata(details: dict) -> dict:
+    """Whether cc100 was deduplicated (its no_train_overlap check reads this) and the lines it
+    found repeated most, with their counts; present either way, so runs compare entry by entry."""
+    return {"dedup": MetadataValue.bool(details["dedup"]),
+            "duplicate_examples": MetadataValue.json(details.get("duplicate_examples", []))}
 
 
 @multi_asset(
@@ -48,14 +56,15 @@ def _outputs(prefix: str, staged: dict[str, Path], stats: dict):
 )
 def cc100_ja_corpus(context: AssetExecutionContext, config: Cc100CorpusConfig,
                     storage: ArtifactStorage, cc100_ja_raw: Path):
-    """First `max_lines` non-empty NFKC lines of cc100-ja, split by document. Safe to re-run."""
+    """First `max_lines` non-empty NFKC lines of cc100-ja, each line kept once (unless `dedup: false`),
+    split by document. Safe to re-run."""
     check_run(context)
     staged = {split: storage.staging_dir(f"cc100_ja_{split}") for split in ("train", "validation")}
     stats = build_cc100_corpus(single_file(cc100_ja_raw), staged["train"] / SENTENCES_FILE,
                                staged["validation"] / SENTENCES_FILE, config.to_settings(),
                                workers=worker_count(config.workers)).to_dict()
     context.log.info(f"cc100-ja corpus: {stats}")
-    yield from _outputs("cc100_ja", staged, stats)
+    yield from _outputs("cc100_ja", staged, stats, _dedup_metadata(stats["details"]))
 
 
 @multi_asset(

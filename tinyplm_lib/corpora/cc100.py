@@ -1,8 +1,9 @@
 """Build the cc100-ja corpus: the first N non-empty lines (NFKC, stripped) split by document.
 
-Workers normalise blocks of lines; this process routes them in file order, so the output is
-byte-identical for any number of workers. Documents go whole to one split (`_write_documents`);
-bad lines are skipped under the bad-record policy (`build_cc100_corpus`).
+Workers normalise (and hash) blocks of lines; this process routes them in file order, so the output
+is byte-identical for any number of workers. Exact repeats of a line are dropped through a
+`DocumentSpool` on disk (`build_cc100_corpus`); documents go whole to one split (`_write_documents`);
+bad lines are skipped under the bad-record policy.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tinyplm_lib.corpora.cleaning import has_control_chars, normalize_line
+from tinyplm_lib.corpora.dedup import DocumentSpool, SpooledDocument, line_hashes
 from tinyplm_lib.corpora.reader import LineBlock, LineReader, iter_line_blocks
 from tinyplm_lib.corpora.records import BadLine, BadRecords, CorpusStats, check_bad_record_policy, decode_checked
 from tinyplm_lib.corpora.split import in_validation
@@ -27,6 +29,11 @@ from tinyplm_lib.parallel import WorkerPool, pool_or_own
 
 # Raw bytes per pool task: ~3,000 lines, ~10 ms of NFKC, so a task's pickling is a small share.
 BLOCK_BYTES = 1 << 20
+# Hashes deduplicated in memory at once: ~40 MB while sorting, the same from 1M lines to the full
+# run's 128M (128 bucket files).
+DEDUP_BUCKET_ENTRIES = 1_000_000
+# The most repeated lines the stats name (details.duplicate_examples).
+DUPLICATE_EXAMPLES = 5
 # CONTROL_CHARS as UTF-8 bytes: C0 controls and DEL are single bytes, C1 controls are C2 80..C2 9F.
 # A block without any (nearly all) skips the per-line check: `translate` deletes every byte that
 # cannot start one (0.25 ms a MiB here); what is left is a control, or the C2 lead byte of "°",
@@ -63,6 +70,10 @@ class Cc100Settings:
     # A line longer than this (bytes, newline excluded) is a bad record. The longest line of the
     # real sample in ../shared/corpora is 11,752 bytes; 1 MiB is no paragraph of prose.
     max_record_bytes: int = 1 << 20
+    # Drop every later exact repeat of a line (after NFKC and strip) within the max_lines prefix.
+    # Crawls repeat boilerplate (navigation, cookie and comment notices) across sites, which wastes
+    # training tokens and puts validation lines in train. False: the original's corpus exactly.
+    dedup: bool = True
 
     def validate(self) -> None:
         check_bad_record_policy(self.max_bad_records, self.max_record_bytes)
@@ -88,10 +99,11 @@ class Cc100Settings:
 
 
 class _NormalizeTask(NamedTuple):
-    """Pool task: a block of raw lines and the limit its lines are checked against."""
+    """Pool task: a block of raw lines, the limit its lines are checked against, whether to hash."""
 
     block: LineBlock
     max_record_bytes: int
+    hash_lines: bool
 
 
 class _NormalizedBlock(NamedTuple):
@@ -108,6 +120,7 @@ class _NormalizedBlock(NamedTuple):
     chars: np.ndarray  # int32 per input line: characters kept, 0 for a blank or bad line
     bad: dict[int, BadLine]  # the bad lines, by index in the block
     control_lines: list[int]  # indices of the lines that held control characters
+    hashes: np.ndarray | None  # uint64 `line_hashes` of the kept lines, when asked for
 
 
 def _normalize_block(task: _NormalizeTask) -> _NormalizedBlock:
@@ -129,15 +142,17 @@ def _normalize_block(task: _NormalizeTask) -> _NormalizedBlock:
     text = ("\n".join(kept) + "\n").encode("utf-8") if kept else b""
     line_ends = np.flatnonzero(np.frombuffer(text, dtype=np.uint8) == 10) + 1
     chars = np.fromiter(map(len, out), dtype=np.int32, count=len(out))
-    return _NormalizedBlock(task.block.first_line, text, line_ends, chars, bad, controls)
+    hashes = line_hashes(text) if task.hash_lines else None
+    return _NormalizedBlock(task.block.first_line, text, line_ends, chars, bad, controls, hashes)
 
 
 class _Document:
-    """One document being gathered: byte ranges of normalised lines, and its counts."""
+    """One document being gathered: its number in the file, byte ranges of normalised lines, counts."""
 
-    __slots__ = ("chars", "lines", "pieces")
+    __slots__ = ("chars", "index", "lines", "pieces")
 
-    def __init__(self) -> None:
+    def __init__(self, index: int) -> None:
+        self.index = index
         self.pieces: list[bytes] = []
         self.lines = self.chars = 0
 
@@ -147,18 +162,28 @@ class _Document:
         self.chars += chars
 
 
-def _iter_documents(raw_path: Path, settings: Cc100Settings, stats: CorpusStats,
-                    records: BadRecords, pool: WorkerPool) -> Iterator[_Document]:
-    """Yield documents in file order; at most one document is held at a time.
+class _Part(NamedTuple):
+    """A block's share of the corpus: its kept lines within the line budget, and its blank lines."""
 
-    A blank line ends a document; a bad line is skipped (under the bad-record policy) and its
-    document goes on without it; the `max_lines`-th kept line ends the input, mid-document.
+    text: bytes  # the kept lines, each ending in b"\n" (lines past the budget may follow)
+    line_ends: np.ndarray  # int64: 0, then the end offset in `text` of each kept line
+    chars: np.ndarray  # characters of each kept line
+    breaks: list[int]  # per blank line, the kept lines before it: a document ends there
+    hashes: np.ndarray | None  # uint64 per kept line, when deduplicating
+
+
+def _iter_parts(raw_path: Path, settings: Cc100Settings, stats: CorpusStats, records: BadRecords,
+                pool: WorkerPool) -> Iterator[_Part]:
+    """Yield each block's kept lines in file order, normalised on the pool.
+
+    A bad line is skipped (under the bad-record policy) and ends no document; the `max_lines`-th
+    kept line ends the input, mid-document.
     """
-    document = _Document()
     max_lines, max_bytes = settings.max_lines, settings.max_record_bytes
     # Lines over the limit are cut by the reader too, so one without a newline is never held whole.
     with LineReader(raw_path, chunk_bytes=BLOCK_BYTES, max_line_bytes=max_bytes) as reader:
-        tasks = (_NormalizeTask(block, max_bytes) for block in iter_line_blocks(reader, BLOCK_BYTES))
+        tasks = (_NormalizeTask(block, max_bytes, settings.dedup)
+                 for block in iter_line_blocks(reader, BLOCK_BYTES))
         for block in pool.map_in_order(_normalize_block, tasks):
             first, chars = block.first_line, block.chars
             kept = np.flatnonzero(chars)  # block indices of the kept lines
@@ -169,40 +194,71 @@ def _iter_documents(raw_path: Path, settings: Cc100Settings, stats: CorpusStats,
                 kept = kept[:room]
             for index in sorted(i for i in block.bad if i < end):
                 records.skip(first + index, *block.bad[index])
-            breaks = [i for i in np.flatnonzero(chars[:end] == 0).tolist() if i not in block.bad]
-            # Kept lines before each break, then before the end: the documents' edges in `kept`.
-            edges = np.searchsorted(kept, breaks).tolist() + [len(kept)]
-            line_ends = np.concatenate([[0], block.line_ends[:len(kept)]]).tolist()
-            char_sums = np.concatenate([[0], np.cumsum(chars[kept], dtype=np.int64)]).tolist()
-            start = 0
-            for i, edge in enumerate(edges):
-                if edge > start:
-                    document.add(block.text[line_ends[start]:line_ends[edge]], edge - start,
-                                 char_sums[edge] - char_sums[start])
-                    start = edge
-                if i < len(breaks) and document.lines:
-                    yield document
-                    document = _Document()
+            blanks = [i for i in np.flatnonzero(chars[:end] == 0).tolist() if i not in block.bad]
+            yield _Part(block.text, np.concatenate([[0], block.line_ends[:len(kept)]]), chars[kept],
+                        np.searchsorted(kept, blanks).tolist(),
+                        None if block.hashes is None else block.hashes[:len(kept)])
             stats.lines_read += len(kept)
             stats.input_lines = first + end - 1
             stats.control_char_records += sum(i < end for i in block.control_lines)
             if end < len(chars) or stats.lines_read >= max_lines:
                 break  # the last document may be cut here, as the original's budget did
+
+
+def _iter_documents(parts: Iterator[_Part]) -> Iterator[_Document]:
+    """Yield documents in file order, at most one held at a time; a blank line ends a document."""
+    document = _Document(0)
+    for part in parts:
+        line_ends, breaks = part.line_ends.tolist(), part.breaks
+        char_sums = np.concatenate([[0], np.cumsum(part.chars, dtype=np.int64)]).tolist()
+        start = 0
+        # Kept lines before each break, then before the end: the documents' edges.
+        for i, edge in enumerate(breaks + [len(line_ends) - 1]):
+            if edge > start:
+                document.add(part.text[line_ends[start]:line_ends[edge]], edge - start,
+                             char_sums[edge] - char_sums[start])
+                start = edge
+            if i < len(breaks) and document.lines:
+                yield document
+                document = _Document(document.index + 1)
     if document.lines:
         yield document
 
 
+def _spool_parts(parts: Iterator[_Part], spool: DocumentSpool) -> None:
+    """Dedup pass 1: every kept line to the spool, flagged where a document begins."""
+    begins = True  # whether the next kept line begins a document: the first does
+    for part in parts:
+        lines = len(part.line_ends) - 1
+        starts = np.zeros(lines + 1, dtype=np.uint8)
+        starts[part.breaks] = 1
+        starts[0] |= begins
+        begins = bool(starts[lines])
+        spool.append(part.text[:part.line_ends[-1]], np.diff(part.line_ends), part.hashes, part.chars,
+                     starts[:lines])
+
+
 def build_cc100_corpus(
-    raw_path: Path, train_path: Path, validation_path: Path, settings: Cc100Settings, *,
-    workers: int | None = None, pool: WorkerPool | None = None,
+    raw_path: Path, train_path: Path, validation_path: Path, settings: Cc100Settings,
+    work_dir: Path | None = None, *, workers: int | None = None, pool: WorkerPool | None = None,
 ) -> CorpusStats:
     """Stream `raw_path` (cc100 `ja.txt.xz` format) into train and validation text files.
 
     `workers` processes normalise the text (None: every available core), or the given `pool`'s.
-    Returns exact counts: lines_train + lines_validation == lines_read <= max_lines. Raises
-    InputError for unreadable or empty input or more than `max_bad_records` bad lines, and
-    ConfigError when a split would come out empty or the whole input is not larger than the
-    validation budget.
+    Returns exact counts: lines_train + lines_validation + dropped["lines_duplicate"] == lines_read
+    <= max_lines. Raises InputError for unreadable or empty input or more than `max_bad_records`
+    bad lines, and ConfigError when a split would come out empty or the whole input is not larger
+    than the validation budget.
+
+    With `settings.dedup` (the default) every later exact repeat of a line among the first
+    `max_lines` non-empty lines (as written: NFKC, stripped) is dropped and its first occurrence
+    kept, wherever the two are; `max_lines` still counts the lines before dedup. Blank lines still
+    end documents, so a document keeps its other lines and its number in the file, the key of its
+    validation draw (dedup changes which documents are drawn only by what it removes). A document
+    left with no line is dropped: counted in dropped["documents_all_duplicate"], not in
+    documents_read. The splits then share no line. Work files (the normalised text plus ~42 bytes
+    a line) go to a temporary folder inside `work_dir` (default: beside `train_path`), removed at
+    the end, success or not. Without dedup the output is the original's, byte for byte.
 
     Bad input lines (invalid UTF-8, longer than `max_record_bytes`) are skipped and counted by
     reason in `CorpusStats.skipped`; the document they were in continues without them. Bytes are
@@ -214,18 +270,34 @@ def build_cc100_corpus(
     raw_path, train_path, validation_path = Path(raw_path), Path(train_path), Path(validation_path)
     if train_path.resolve() == validation_path.resolve():
         raise ConfigError("validation_path", "must differ from train_path")
+    work = Path(work_dir) if work_dir is not None else train_path.parent
     with pool_or_own(pool, workers) as chosen:
-        return _build(raw_path, train_path, validation_path, settings, chosen)
+        return _build(raw_path, train_path, validation_path, settings, work, chosen)
 
 
 def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Cc100Settings,
-           pool: WorkerPool) -> CorpusStats:
+           work_dir: Path, pool: WorkerPool) -> CorpusStats:
     stats = CorpusStats(source=str(raw_path))
     records = BadRecords(raw_path, stats, settings.max_bad_records)
     started = time.perf_counter()
+    parts = _iter_parts(raw_path, settings, stats, records, pool)
+    dedup: dict[str, object] = {}
     with AtomicTextWriter(train_path) as train, AtomicTextWriter(validation_path) as validation:
-        documents = _iter_documents(raw_path, settings, stats, records, pool)
-        over_budget = _write_documents(documents, settings, stats, train, validation)
+        if settings.dedup:
+            with DocumentSpool(work_dir, DEDUP_BUCKET_ENTRIES) as spool:
+                _spool_parts(parts, spool)
+                found = spool.deduplicate(DUPLICATE_EXAMPLES)
+                over_budget = _write_documents(spool.documents(), settings, stats, train, validation)
+            stats.drop("lines_duplicate", found.duplicates)
+            stats.drop("documents_all_duplicate", spool.document_count - stats.documents_read)
+            dedup = {"lines_kept": stats.lines_train + stats.lines_validation,
+                     "duplicate_share": found.duplicates / max(stats.lines_read, 1),
+                     "documents_before_dedup": spool.document_count, "dedup_buckets": found.buckets,
+                     # Long lines cut: these are for a reader to recognise the boilerplate.
+                     "duplicate_examples": [{"line": r.text[:200], "occurrences": r.occurrences}
+                                            for r in found.most_repeated]}
+        else:
+            over_budget = _write_documents(_iter_documents(parts), settings, stats, train, validation)
         # Checked inside the `with` so that a failed build leaves no output files.
         _check_counts(raw_path, settings, stats, records)
     stats.seconds = time.perf_counter() - started
@@ -238,26 +310,29 @@ def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Cc
         "max_validation_lines": settings.max_validation_lines,
         "seed": settings.seed,
         "workers": pool.workers,
+        "dedup": settings.dedup,
+        **dedup,
     }
     return stats
 
 
-def _write_documents(documents: Iterator[_Document], settings: Cc100Settings, stats: CorpusStats,
+def _write_documents(documents: Iterator[_Document | SpooledDocument], settings: Cc100Settings, stats: CorpusStats,
                      train: AtomicTextWriter, validation: AtomicTextWriter) -> int:
     """Write each document whole to its split; returns how many picked ones the budget turned away.
 
     Documents (blank-line separated) are numbered in file order and picked for validation by
     `in_validation(seed, "doc:<index>", fraction)`. A picked document goes to validation only if it
     fits whole in the remaining `max_validation_lines` budget, else to train; so documents are never
-    split, the splits never overlap, and validation stops growing once the budget is full.
+    split, the splits never overlap, and validation stops growing once the budget is full. (A
+    document dedup emptied keeps its number unused: the pick does not depend on the text, so the
+    documents that are left are still picked with `fraction` each.)
     """
     fraction = settings.effective_doc_fraction
     over_budget = 0
     for document in documents:
-        doc_index = stats.documents_read
         stats.documents_read += 1
         to_validation = False
-        if in_validation(settings.seed, f"doc:{doc_index}", fraction):
+        if in_validation(settings.seed, f"doc:{document.index}", fraction):
             room = settings.max_validation_lines - stats.lines_validation
             to_validation = document.lines <= room
             over_budget += not to_validation
@@ -281,14 +356,16 @@ def _check_counts(raw_path: Path, settings: Cc100Settings, stats: CorpusStats,
     if stats.lines_read == 0:
         raise InputError(raw_path, "contains no non-empty lines; check the download"
                          + records.summary())
+    kept = stats.lines_train + stats.lines_validation
     if settings.validation_doc_fraction is None and stats.lines_read < settings.max_lines and \
-            stats.lines_read <= settings.max_validation_lines:
+            kept <= settings.max_validation_lines:
         # Known only once the input ran out: the budget could take the whole corpus. (With an
         # explicit validation_doc_fraction the draw is set by it and the budget is only a cap.)
         raise ConfigError(
             "max_validation_lines",
-            f"{settings.max_validation_lines} is not below the {stats.lines_read} non-empty "
-            f"lines {raw_path} holds: lower it (and max_lines) to leave lines for training",
+            f"{settings.max_validation_lines} is not below the {kept} non-empty lines {raw_path} "
+            f"holds{' once deduplicated' if settings.dedup else ''}: lower it (and max_lines) to "
+            "leave lines for training",
         )
     if stats.lines_validation == 0:
         raise ConfigError(
