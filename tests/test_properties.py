@@ -14,11 +14,13 @@ import itertools
 import json
 import lzma
 import re
+import sys
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from tinyplm_lib.corpora.cleaning import CONTROL_CHARS, clean_wiki_text, normalize_line, split_sentences
@@ -30,10 +32,30 @@ from tinyplm_lib.tokens.tokenizer import TokenizerSettings, train_tokenizer
 # controls (NUL, ESC, DEL, C1), invisible marks, combining marks, compatibility forms.
 SPECIAL = ("[]{}^>?!。｡？！「」『』()（）】〕”’ \t\n\r\u3000\u2028\x85\x1c\x00\x01\x1b\x7f\x9f"
            "\u200b\u00ad\ufeff\u0301\u3099ｶﾞ①ＡＢ１２要注釈リンク切れ")
-CHARS = st.one_of(st.sampled_from(SPECIAL), st.characters(exclude_categories=("Cs",)))
-TEXT = st.text(CHARS, max_size=80)
-JAPANESE = st.text(st.one_of(st.sampled_from(SPECIAL), st.characters(min_codepoint=0x3040, max_codepoint=0x30FF),
-                             st.characters(min_codepoint=0x4E00, max_codepoint=0x4FFF)), max_size=80)
+# No cleaning rule fires without one of these after NFKC: brackets for citations and tags, braces
+# for templates, ">" for breadcrumbs, "^" for the footnotes cut. RULE_FORMS adds every character
+# NFKC turns into one (fullwidth and presentation forms); composition never makes one, so text
+# drawn without RULE_FORMS has none after NFKC either (~0.2 s to find them).
+RULE_CHARS = "[]{}>^"
+RULE_FORMS = "".join(c for c in map(chr, range(sys.maxunicode + 1))
+                     if not set(unicodedata.normalize("NFKC", c)).isdisjoint(RULE_CHARS))
+
+
+def _text(exclude: str = "") -> st.SearchStrategy[str]:
+    """Arbitrary text with SPECIAL mixed in, none of the characters in `exclude`."""
+    return st.text(st.one_of(st.sampled_from([c for c in SPECIAL if c not in exclude]),
+                             st.characters(exclude_categories=("Cs",), exclude_characters=exclude)), max_size=80)
+
+
+def _japanese(exclude: str = "") -> st.SearchStrategy[str]:
+    """Kana and kanji with SPECIAL mixed in, none of the characters in `exclude`."""
+    return st.text(st.one_of(st.sampled_from([c for c in SPECIAL if c not in exclude]),
+                             st.characters(min_codepoint=0x3040, max_codepoint=0x30FF, exclude_characters=exclude),
+                             st.characters(min_codepoint=0x4E00, max_codepoint=0x4FFF, exclude_characters=exclude)),
+                   max_size=80)
+
+
+TEXT, JAPANESE = _text(), _japanese()
 FAST = settings(max_examples=400, deadline=None)
 TERMINATORS = "。｡?？!！"
 CLOSERS = "」』)）】〕”’"
@@ -89,13 +111,10 @@ def test_clean_wiki_text_output_form_and_only_removals(text, title):
 
 
 @FAST
-@given(st.one_of(TEXT, JAPANESE))
+@given(st.one_of(_text(exclude=RULE_FORMS), _japanese(exclude=RULE_FORMS)))
 @example("a\x00b\tc\u200bd")
 def test_clean_wiki_text_loses_nothing_but_whitespace_and_invisibles_when_no_rule_applies(text):
-    # No rule can fire without one of these characters (after NFKC): brackets for citations and
-    # tags, braces for templates, ">" for breadcrumbs, "^" for the footnotes cut.
-    if set(nfkc(text)) & set("[]{}>^"):
-        return
+    assert set(nfkc(text)).isdisjoint(RULE_CHARS), text  # what the strategy promises: no rule fires
     kept = "".join(c for c in nfkc(text) if c.isprintable() and not c.isspace())
     # Up to normalisation (NFKC composes again where a removed character stood between a letter
     # and its combining mark), the non-space characters are exactly the printable ones.
@@ -107,9 +126,9 @@ def test_clean_wiki_text_loses_nothing_but_whitespace_and_invisibles_when_no_rul
 def test_clean_wiki_text_is_stable_on_its_own_output_without_rule_characters(text):
     # Not idempotent in general, by design: the original's rules run once, so "[[1]2]" loses
     # "[1]" and keeps the "[2]" that appears. Without rule characters a second pass is a no-op.
+    # A filter on the output, so assume(): hypothesis counts the ~1 in 9 it discards as invalid.
     out = clean_wiki_text(text)
-    if set(out) & set("[]{}>^"):
-        return
+    assume(set(out).isdisjoint(RULE_CHARS))
     assert clean_wiki_text(out) == out
 
 
@@ -189,7 +208,7 @@ def vocab(tokenizer_dir) -> list[str]:
 
 def _decode(ids: list[int], vocab: list[str]) -> str:
     """Tokens joined without their "##" marks: the text with its word boundaries removed."""
-    return "".join(vocab[i][2:] if vocab[i].startswith("##") else vocab[i] for i in ids)
+    return "".join(vocab[i].removeprefix("##") for i in ids)
 
 
 def _assert_round_trip(text: str, ids: list[int], vocab: list[str]) -> None:
@@ -210,17 +229,23 @@ ENCODER_SETTINGS = settings(max_examples=300, deadline=None,
 
 
 @ENCODER_SETTINGS
-@given(st.one_of(TEXT, JAPANESE, st.sampled_from(["[MASK]", "a[CLS]b", "[unused3]x", "［MASK］"])))
-@example("a\x00bc 日本")  # MeCab stopped at the NUL: "bc 日本" was lost
-@example("日本\x00")
-@example("\x00")
-def test_encoder_ids_in_range_and_text_comes_back(encoder, vocab, text):
+@given(st.one_of(TEXT, JAPANESE, st.sampled_from(["[MASK]", "a[CLS]b", "[unused3]x", "［MASK］"])),
+       st.one_of(TEXT, JAPANESE))
+@example("a\x00bc 日本", "日本")  # MeCab stopped at the NUL: "bc 日本" was lost
+@example("日本\x00", "\x00日本")
+@example("\x00", "")
+def test_encoder_ids_in_range_and_text_comes_back(encoder, vocab, text, other):
     ids = encoder.encode(text)
     assert all(0 <= i < len(vocab) for i in ids)
     assert len(vocab) == encoder.vocab_size
     _assert_round_trip(text, ids, vocab)
-    packed, counts = encoder.encode_packed([text, "", text])
-    assert counts.tolist() == [len(ids), 0, len(ids)] and packed.tolist() == ids + ids
+    # What shards store: each text's ids (encoded one by one, the reference), in order, with the
+    # lengths that split them again; the batch path joins the texts' words in one lookup instead.
+    other_ids = encoder.encode(other)
+    packed, counts = encoder.encode_packed([text, "", other])
+    assert packed.dtype == encoder.dtype and counts.dtype == np.int32
+    assert counts.tolist() == [len(ids), 0, len(other_ids)]
+    assert packed.tolist() == ids + other_ids
 
 
 @pytest.fixture(scope="module")
@@ -231,10 +256,8 @@ def slow_tokenizer(tokenizer_dir):
 
 
 @ENCODER_SETTINGS
-@given(st.one_of(TEXT, JAPANESE))
+@given(st.one_of(_text(exclude="\x00"), _japanese(exclude="\x00")))
 def test_encoder_matches_bert_japanese_tokenizer(encoder, slow_tokenizer, text):
     # The fast path's reason to exist is id-for-id parity with the slow tokenizer. Not for NUL:
     # there the slow one loses the rest of the text (see test_encoder_ids_in_range...).
-    if "\x00" in text:
-        return
     assert encoder.encode(text) == slow_tokenizer.encode(text, add_special_tokens=False)
