@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tinyplm_lib.corpora.cleaning import has_control_chars, normalize_line
-from tinyplm_lib.corpora.dedup import DocumentSpool, SpooledDocument, line_hashes
+from tinyplm_lib.corpora.dedup import DocumentSpool, LineChunk, LineDocument, assemble_documents, line_hashes
 from tinyplm_lib.corpora.reader import LineBlock, LineReader, iter_line_blocks
 from tinyplm_lib.corpora.records import BadLine, BadRecords, CorpusStats, check_bad_record_policy, decode_checked
 from tinyplm_lib.corpora.split import in_validation
@@ -146,22 +146,6 @@ def _normalize_block(task: _NormalizeTask) -> _NormalizedBlock:
     return _NormalizedBlock(task.block.first_line, text, line_ends, chars, bad, controls, hashes)
 
 
-class _Document:
-    """One document being gathered: its number in the file, byte ranges of normalised lines, counts."""
-
-    __slots__ = ("chars", "index", "lines", "pieces")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.pieces: list[bytes] = []
-        self.lines = self.chars = 0
-
-    def add(self, piece: bytes, lines: int, chars: int) -> None:
-        self.pieces.append(piece)
-        self.lines += lines
-        self.chars += chars
-
-
 class _Part(NamedTuple):
     """A block's share of the corpus: its kept lines within the line budget, and its blank lines."""
 
@@ -205,28 +189,8 @@ def _iter_parts(raw_path: Path, settings: Cc100Settings, stats: CorpusStats, rec
                 break  # the last document may be cut here, as the original's budget did
 
 
-def _iter_documents(parts: Iterator[_Part]) -> Iterator[_Document]:
-    """Yield documents in file order, at most one held at a time; a blank line ends a document."""
-    document = _Document(0)
-    for part in parts:
-        line_ends, breaks = part.line_ends.tolist(), part.breaks
-        char_sums = np.concatenate([[0], np.cumsum(part.chars, dtype=np.int64)]).tolist()
-        start = 0
-        # Kept lines before each break, then before the end: the documents' edges.
-        for i, edge in enumerate(breaks + [len(line_ends) - 1]):
-            if edge > start:
-                document.add(part.text[line_ends[start]:line_ends[edge]], edge - start,
-                             char_sums[edge] - char_sums[start])
-                start = edge
-            if i < len(breaks) and document.lines:
-                yield document
-                document = _Document(document.index + 1)
-    if document.lines:
-        yield document
-
-
-def _spool_parts(parts: Iterator[_Part], spool: DocumentSpool) -> None:
-    """Dedup pass 1: every kept line to the spool, flagged where a document begins."""
+def _with_starts(parts: Iterator[_Part]) -> Iterator[tuple[_Part, np.ndarray]]:
+    """Each part with a uint8 per kept line, 1 where a document begins (after blank lines, and the first)."""
     begins = True  # whether the next kept line begins a document: the first does
     for part in parts:
         lines = len(part.line_ends) - 1
@@ -234,8 +198,20 @@ def _spool_parts(parts: Iterator[_Part], spool: DocumentSpool) -> None:
         starts[part.breaks] = 1
         starts[0] |= begins
         begins = bool(starts[lines])
-        spool.append(part.text[:part.line_ends[-1]], np.diff(part.line_ends), part.hashes, part.chars,
-                     starts[:lines])
+        yield part, starts[:lines]
+
+
+def _iter_documents(parts: Iterator[_Part]) -> Iterator[LineDocument]:
+    """Yield documents in file order, at most one held at a time; a blank line ends a document."""
+    return assemble_documents(
+        LineChunk(part.text[:part.line_ends[-1]], np.ones(len(starts), dtype=bool), starts,
+                  np.diff(part.line_ends), part.chars) for part, starts in _with_starts(parts))
+
+
+def _spool_parts(parts: Iterator[_Part], spool: DocumentSpool) -> None:
+    """Dedup pass 1: every kept line to the spool, flagged where a document begins."""
+    for part, starts in _with_starts(parts):
+        spool.append(part.text[:part.line_ends[-1]], np.diff(part.line_ends), part.hashes, part.chars, starts)
 
 
 def build_cc100_corpus(
@@ -316,7 +292,7 @@ def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Cc
     return stats
 
 
-def _write_documents(documents: Iterator[_Document | SpooledDocument], settings: Cc100Settings, stats: CorpusStats,
+def _write_documents(documents: Iterator[LineDocument], settings: Cc100Settings, stats: CorpusStats,
                      train: AtomicTextWriter, validation: AtomicTextWriter) -> int:
     """Write each document whole to its split; returns how many picked ones the budget turned away.
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import NamedTuple, Self
@@ -166,10 +166,10 @@ _TEXT, _HASHES, _LENGTHS, _CHARS, _STARTS = "lines.txt", "hashes.u64", "lengths.
 _FLAGS = "first.u8"
 
 
-class SpooledDocument(NamedTuple):
-    """A document read back from a spool: its first-occurrence lines, and their counts."""
+class LineDocument(NamedTuple):
+    """A document of lines (`assemble_documents`): its kept lines, and their counts."""
 
-    index: int  # its number among the documents appended (0 first), emptied ones counted
+    index: int  # its number among the documents in the stream (0 first), emptied ones counted
     pieces: list[bytes]  # byte ranges of UTF-8 lines, each line ending in b"\n"
     lines: int
     chars: int
@@ -188,8 +188,10 @@ class SpoolDedup(NamedTuple):
     most_repeated: list[RepeatedLine]  # most first (ties: the earlier first)
 
 
-class _Chunk(NamedTuple):
-    text: bytes
+class LineChunk(NamedTuple):
+    """A run of lines in file order, and which of them are kept and which begin a document."""
+
+    text: bytes  # the lines, each ending in b"\n"
     keep: np.ndarray  # bool per line: a first occurrence
     starts: np.ndarray  # uint8 per line: 1 where a document begins
     lengths: np.ndarray
@@ -269,7 +271,7 @@ class DocumentSpool:
                 first += len(lengths)
         return found
 
-    def _chunks(self) -> Iterator[_Chunk]:
+    def _chunks(self) -> Iterator[LineChunk]:
         with ExitStack() as stack:
             files = {name: stack.enter_context(open(self.work / name, "rb"))
                      for name in (_TEXT, _FLAGS, _STARTS, _LENGTHS, _CHARS)}
@@ -286,37 +288,43 @@ class DocumentSpool:
                 while start < n:  # at least one line, else at most READ_BYTES
                     base = int(ends[start - 1]) if start else 0
                     stop = max(start + 1, int(np.searchsorted(ends, base + READ_BYTES, side="right")))
-                    yield _Chunk(files[_TEXT].read(int(ends[stop - 1]) - base), keep[start:stop],
+                    yield LineChunk(files[_TEXT].read(int(ends[stop - 1]) - base), keep[start:stop],
                                  starts[start:stop], lengths[start:stop], chars[start:stop])
                     start = stop
 
-    def documents(self) -> Iterator[SpooledDocument]:
+    def documents(self) -> Iterator[LineDocument]:
         """Pass 3: the documents in order, each with only its first-occurrence lines; a document
         with none left is left out (`document_count` minus those yielded)."""
-        pieces: list[bytes] = []
-        lines = chars = 0
-        index = -1  # the stream's first line begins document 0
-        for chunk in self._chunks():
-            keep = chunk.keep
-            text = chunk.text
-            if not keep.all():
-                text = np.frombuffer(text, dtype=np.uint8)[np.repeat(keep, chunk.lengths)].tobytes()
-            ends = np.concatenate([[0], np.cumsum(chunk.lengths[keep])]).tolist()
-            char_sums = np.concatenate([[0], np.cumsum(chunk.chars[keep])]).tolist()
-            # Where each document begins, counted in the chunk's kept lines.
-            kept_before = np.concatenate([[0], np.cumsum(keep)])
-            begins = kept_before[np.flatnonzero(chunk.starts)].tolist()
-            done = 0
-            for i, edge in enumerate(begins + [len(ends) - 1]):
-                if edge > done:
-                    pieces.append(text[ends[done]:ends[edge]])
-                    lines += edge - done
-                    chars += char_sums[edge] - char_sums[done]
-                    done = edge
-                if i < len(begins):
-                    if lines:
-                        yield SpooledDocument(index, pieces, lines, chars)
-                        pieces, lines, chars = [], 0, 0
-                    index += 1
-        if lines:
-            yield SpooledDocument(index, pieces, lines, chars)
+        return assemble_documents(self._chunks())
+
+
+def assemble_documents(chunks: Iterable[LineChunk]) -> Iterator[LineDocument]:
+    """The documents of a stream of line chunks, in order, each with only its kept lines; a document
+    with none kept is left out (its number stays used). The stream's first line begins a document."""
+    pieces: list[bytes] = []
+    lines = chars = 0
+    index = -1  # the stream's first line begins document 0
+    for chunk in chunks:
+        keep = chunk.keep
+        text = chunk.text
+        if not keep.all():
+            text = np.frombuffer(text, dtype=np.uint8)[np.repeat(keep, chunk.lengths)].tobytes()
+        ends = np.concatenate([[0], np.cumsum(chunk.lengths[keep])]).tolist()
+        char_sums = np.concatenate([[0], np.cumsum(chunk.chars[keep], dtype=np.int64)]).tolist()
+        # Where each document begins, counted in the chunk's kept lines.
+        kept_before = np.concatenate([[0], np.cumsum(keep)])
+        begins = kept_before[np.flatnonzero(chunk.starts)].tolist()
+        done = 0
+        for i, edge in enumerate(begins + [len(ends) - 1]):
+            if edge > done:
+                pieces.append(text[ends[done]:ends[edge]])
+                lines += edge - done
+                chars += char_sums[edge] - char_sums[done]
+                done = edge
+            if i < len(begins):
+                if lines:
+                    yield LineDocument(index, pieces, lines, chars)
+                    pieces, lines, chars = [], 0, 0
+                index += 1
+    if lines:
+        yield LineDocument(index, pieces, lines, chars)
