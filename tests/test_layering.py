@@ -128,3 +128,19 @@ def test_importing_other_entry_points_does_not_build_the_code_location():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.split() == [word for m in modules for word in (m, "False")]
+
+
+# --- the code location loads without the training stack ------------------------------------------
+
+
+def test_loading_the_code_location_imports_no_training_stack():
+    # Every `dagster` CLI command, step subprocess and the UI's code server imports the definitions:
+    # torch and transformers (seconds of import) wait for a step that trains or evaluates, matplotlib
+    # for one that plots.
+    code = (
+        "import sys\n"
+        "import tinyplm_assets.definitions\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'matplotlib') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", f"importing tinyplm_assets.definitions loaded {out.stdout.strip()}"

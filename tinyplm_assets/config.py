@@ -2,13 +2,14 @@
 
 `to_settings()` / `to_options()` convert to the library's types, here and nowhere else; the library's
 `validate()` rejects out-of-range values. Relative paths (config files, `file://./` URLs) resolve
-against the current directory, then the project root.
+against the current directory, then the project root. The code location imports this module, so it
+stays clear of torch and transformers: what needs them is imported by the method that uses it.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 from urllib.parse import urlsplit
 
 from dagster import Config
@@ -20,13 +21,14 @@ from tinyplm_lib.corpora.cc100 import Cc100Settings
 from tinyplm_lib.corpora.jawiki import JawikiSettings
 from tinyplm_lib.downloads.dumps import CIRRUSSEARCH_INDEX_URL
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.evaluation.jglue import JglueSettings
-from tinyplm_lib.evaluation.jglue import load_settings as load_jglue_settings
-from tinyplm_lib.evaluation.mlm import MlmEvalSettings
+from tinyplm_lib.evaluation.mlm_settings import MlmEvalSettings
 from tinyplm_lib.parallel import available_cores
 from tinyplm_lib.tokens.tokenizer import TokenizerSettings
-from tinyplm_lib.training.distributed import default_processes, split_endpoint
-from tinyplm_lib.training.stage import RuntimeOptions, StageOptions
+from tinyplm_lib.training.arguments import RuntimeOptions, StageOptions
+from tinyplm_lib.training.torchrun import split_endpoint
+
+if TYPE_CHECKING:
+    from tinyplm_lib.evaluation.jglue import JglueSettings
 
 _CC100 = Cc100Settings()
 _JAWIKI = JawikiSettings()
@@ -247,6 +249,8 @@ class DistributedConfig(Config):
         self.check()
         if self.processes_per_node:
             return self.processes_per_node
+        from tinyplm_lib.training.distributed import default_processes  # torch: it counts the GPUs
+
         return max(1, default_processes() // self.nodes)
 
 
@@ -314,4 +318,6 @@ class EvaluationConfig(Config):
     mlm_batch_size: int = Field(default=64, description="sequences per batch when scoring the fixed MLM set")
 
     def jglue_settings(self) -> JglueSettings:
+        from tinyplm_lib.evaluation.jglue import load_settings as load_jglue_settings
+
         return load_jglue_settings(resolve_path(self.jglue_settings_path, "jglue_settings_path"))

@@ -25,7 +25,7 @@ from pydantic import Field
 from tinyplm_assets.environment import PROJECT_ROOT
 from tinyplm_assets.train_worker import StageSpec
 from tinyplm_lib.errors import ConfigError
-from tinyplm_lib.training.distributed import split_endpoint, torchrun_command
+from tinyplm_lib.training.torchrun import split_endpoint, torchrun_command
 
 if TYPE_CHECKING:  # dagster-k8s is imported only by a step that starts pods
     from dagster_k8s import PipesK8sClient

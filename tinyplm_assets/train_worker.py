@@ -3,7 +3,8 @@
 Started by `tinyplm_assets.training_launch`; every rank reads the same `StageSpec` and trains with
 its place in the process group. Local rank 0 of each node opens that node's Dagster Pipes session;
 global rank 0 alone sends its log lines and final metrics through it, the others print to stderr.
-In tinyplm_assets because it speaks Pipes.
+In tinyplm_assets because it speaks Pipes. The training stack (torch, transformers) is imported when
+a stage runs: the code location imports `StageSpec` and `train` from here and must load without it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from pathlib import Path
 
 from dagster_pipes import open_dagster_pipes
 
-from tinyplm_lib.training import distributed
-from tinyplm_lib.training.checkpoints import CheckpointSink, StoreCheckpointSink
-from tinyplm_lib.training.stage import RuntimeOptions, StageOptions, train_stage
+from tinyplm_lib.training.arguments import RuntimeOptions, StageOptions
+
+if typing.TYPE_CHECKING:
+    from tinyplm_lib.training import distributed
+    from tinyplm_lib.training.checkpoints import CheckpointSink
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ def _restore(cls: type, values: dict):
 def train(spec: StageSpec, log: Callable[[str], None], checkpoints: CheckpointSink | None,
           world: distributed.World | None = None) -> dict:
     """The stage a spec describes, in this process (one rank of `world`, or alone)."""
+    from tinyplm_lib.training.stage import train_stage
+
     return train_stage(spec.train_dir, spec.validation_dir, spec.tokenizer_dir, spec.out_dir, spec.options, log,
                        checkpoints=checkpoints, runtime=spec.runtime, world=world)
 
@@ -80,6 +85,7 @@ def _checkpoints(spec: StageSpec) -> CheckpointSink | None:
     # Imported here: the resource module pulls in dagster, which the ranks need only for this
     # (never the definitions: tests/test_layering.py checks this module does not load them).
     from tinyplm_assets.resources import ArtifactStorage
+    from tinyplm_lib.training.checkpoints import StoreCheckpointSink
 
     return StoreCheckpointSink(ArtifactStorage(**spec.storage).store(), spec.checkpoint_prefix)
 
@@ -92,6 +98,8 @@ def main(argv: list[str]) -> int:
     if len(argv) != 1:
         print("usage: python -m tinyplm_assets.train_worker SPEC.json (started by torchrun)", file=sys.stderr)
         return 2
+    from tinyplm_lib.training import distributed
+
     spec = StageSpec.from_json(Path(argv[0]).read_text(encoding="utf-8"))
     world = distributed.from_env()
     # Killed with the Dagster step (or torchrun's agent), not left training as orphans.

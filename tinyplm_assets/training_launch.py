@@ -6,6 +6,7 @@ logs and metrics. Several nodes (`distributed.nodes`) join a c10d rendezvous: la
 every node's agent here, each in a Pipes session of its own (the local rank 0 of each node opens one;
 the global rank 0, on whichever node, reports); launcher "kubernetes" starts one pod per node
 (`tinyplm_assets.k8s`). Either way the model lands in the step's staging folder, checkpoints in the store.
+torch is imported by the functions that use it: the code location imports this module.
 """
 
 import os
@@ -18,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from signal import Signals
 
-import torch
 from dagster import (
     AssetExecutionContext,
     Failure,
@@ -35,8 +35,7 @@ from tinyplm_assets.train_worker import StageSpec, train
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.layout import TRAIN_DIR, VALIDATION_DIR
 from tinyplm_lib.store.artifacts import artifact_key
-from tinyplm_lib.training.checkpoints import StoreCheckpointSink
-from tinyplm_lib.training.distributed import free_port, loopback_env, split_endpoint, torchrun_command
+from tinyplm_lib.training.torchrun import free_port, loopback_env, split_endpoint, torchrun_command
 
 WORKER = ["-m", "tinyplm_assets.train_worker"]
 STOP_GRACE_S = 15  # torchrun forwards SIGTERM to its workers; SIGKILL after this
@@ -51,6 +50,8 @@ def run_stage(context: AssetExecutionContext, config: TrainingStageConfig, stora
                      out_dir=storage.staging_dir(asset_name), options=options, runtime=runtime,
                      checkpoint_prefix=artifact_key(["checkpoints", asset_name]))
     if launch.launcher == "local" and launch.nodes == 1 and processes <= 1:
+        from tinyplm_lib.training.checkpoints import StoreCheckpointSink
+
         metrics = train(spec, context.log.info, StoreCheckpointSink(storage.store(), spec.checkpoint_prefix))
         return metrics, spec.out_dir
     spec = replace(spec, storage={name: getattr(storage, name) for name in type(storage).model_fields})
@@ -141,6 +142,8 @@ def _threads(workers: int) -> dict[str, str]:
 
 def _node_gpus(index: int, nodes: int, processes: int) -> dict[str, str]:
     """CUDA_VISIBLE_DEVICES for one of several nodes on this machine: GPUs of its own (nothing on a CPU)."""
+    import torch
+
     if not torch.cuda.is_available():
         return {}
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")

@@ -4,7 +4,8 @@
 `bert_stage1_cc100_eval`, `bert_stage2_jawiki_eval` and `bert_control_eval` (the stage-2
 architecture from random initialisation, same budget) score the fixed MLM set and fine-tune JSTS
 and JCommonsenseQA, writing each dev prediction beside its metrics. `bert_release` is the folder a
-user uploads: both checkpoints with a model card each, and the plots.
+user uploads: both checkpoints with a model card each, and the plots. The scoring and fine-tuning
+modules (torch, transformers) are imported when a step runs: the code location imports this one.
 """
 
 
@@ -19,8 +20,6 @@ from tinyplm_assets.config import EvaluationConfig, MlmEvalSetConfig
 from tinyplm_assets.metadata import made_from, png_markdown
 from tinyplm_assets.preflight import check_run
 from tinyplm_assets.resources import ArtifactStorage
-from tinyplm_lib.evaluation.jglue import ModelSource, finetune
-from tinyplm_lib.evaluation.mlm import build_mlm_eval_set, evaluate_mlm_folder
 from tinyplm_lib.evaluation.release import EVALUATION_FILE, JGLUE_TASKS, ReleaseInputs, jglue_file, write_release
 from tinyplm_lib.files import atomic_write_json
 from tinyplm_lib.layout import VALIDATION_DIR
@@ -34,6 +33,8 @@ def mlm_eval_set(context: AssetExecutionContext, config: MlmEvalSetConfig, stora
     Every checkpoint, stage and recipe is scored on these same positions (`*_eval` assets).
     """
     check_run(context)
+    from tinyplm_lib.evaluation.mlm import build_mlm_eval_set
+
     staging = storage.staging_dir("mlm_eval_set")
     meta = build_mlm_eval_set({"cc100": cc100_ja_tokens / VALIDATION_DIR, "jawiki": jawiki_tokens / VALIDATION_DIR},
                               wordpiece_tokenizer, staging, config.to_settings())
@@ -43,8 +44,15 @@ def mlm_eval_set(context: AssetExecutionContext, config: MlmEvalSetConfig, stora
 
 
 def _evaluate(context: AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage, name: str,
-              source: ModelSource, mlm_eval_set: Path, jglue: dict[str, Path]) -> Output:
-    """Fixed-set MLM scores, then one fine-tuning run per JGLUE task, into one folder."""
+              kind: str, model: Path, mlm_eval_set: Path, jglue: dict[str, Path]) -> Output:
+    """Fixed-set MLM scores, then one fine-tuning run per JGLUE task, into one folder.
+
+    `kind` says what is fine-tuned from the model folder (`ModelSource`: "pretrained" or "control").
+    """
+    from tinyplm_lib.evaluation.jglue import ModelSource, finetune
+    from tinyplm_lib.evaluation.mlm import evaluate_mlm_folder
+
+    source = ModelSource(Path(model), kind)
     staging = storage.staging_dir(name)
     settings = config.jglue_settings()
     summary: dict = {"model_source": source.kind, "mlm": {}, "jglue": {}}
@@ -66,28 +74,28 @@ def _evaluate(context: AssetExecutionContext, config: EvaluationConfig, storage:
     return Output(staging, metadata=metadata)
 
 
-def _evaluation_asset(name: str, checkpoint: str, make_source, description: str):
-    """One checkpoint's evaluation asset; `make_source(folder)` says what is fine-tuned from it."""
+def _evaluation_asset(name: str, checkpoint: str, kind: str, description: str):
+    """One checkpoint's evaluation asset; `kind` ("pretrained" or "control") says what is fine-tuned from it."""
 
     @asset(name=name, group_name="evaluation", pool="gpu", op_tags=GPU_OP_TAGS, kinds={"pytorch"},
            description=description, ins={"model": AssetIn(checkpoint)})
     def _eval(context: AssetExecutionContext, config: EvaluationConfig, storage: ArtifactStorage, model: Path,
               mlm_eval_set: Path, jglue_jsts_raw: Path, jglue_jcommonsenseqa_raw: Path) -> Output:
         check_run(context)
-        return _evaluate(context, config, storage, name, make_source(model), mlm_eval_set,
+        return _evaluate(context, config, storage, name, kind, model, mlm_eval_set,
                          {"jsts": jglue_jsts_raw, "jcommonsenseqa": jglue_jcommonsenseqa_raw})
 
     return _eval
 
 
 bert_stage1_cc100_eval = _evaluation_asset(
-    "bert_stage1_cc100_eval", "bert_stage1_cc100", ModelSource.pretrained,
+    "bert_stage1_cc100_eval", "bert_stage1_cc100", "pretrained",
     "Stage 1 on the fixed MLM set, and fine-tuned on JSTS and JCommonsenseQA (dev scores, predictions).")
 bert_stage2_jawiki_eval = _evaluation_asset(
-    "bert_stage2_jawiki_eval", "bert_stage2_jawiki", ModelSource.pretrained,
+    "bert_stage2_jawiki_eval", "bert_stage2_jawiki", "pretrained",
     "Stage 2 on the fixed MLM set, and fine-tuned on JSTS and JCommonsenseQA (dev scores, predictions).")
 bert_control_eval = _evaluation_asset(
-    "bert_control_eval", "bert_stage2_jawiki", ModelSource.control,
+    "bert_control_eval", "bert_stage2_jawiki", "control",
     "The control: stage 2's architecture and tokenizer from random weights, fine-tuned on JSTS and "
     "JCommonsenseQA with the same budget. What pretraining bought is the gap to the stages' scores.")
 

@@ -13,7 +13,7 @@ import os
 import re
 import shutil
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import NamedTuple
 
@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from tinyplm_lib.errors import ConfigError, InputError, StorageError
+from tinyplm_lib.evaluation.mlm_settings import MlmEvalSettings
 from tinyplm_lib.files import json_text, replace_dir, sha256_file
 from tinyplm_lib.layout import SHARDS_META_FILE, VOCAB_FILE, WORDPIECE_FILE
 from tinyplm_lib.tokens.folder import CLS_TOKEN, SEP_TOKEN, TokenizerFolder
@@ -42,26 +43,6 @@ _MAX_MASK_ROUNDS = 1000
 # Files that decide which id is which token for a model folder: a model is refused on a set built
 # with other ones. tokenizer_config.json is left out: rewriting it (for transformers 4.x) changes no id.
 MODEL_ID_FILES = (VOCAB_FILE, WORDPIECE_FILE)
-
-
-@dataclass(frozen=True)
-class MlmEvalSettings:
-    """Which sentences, how long, how they are masked; any change gives a different set."""
-
-    max_sequences: int = 2000  # per corpus
-    max_seq_length: int = 128  # [CLS] + up to max_seq_length - 2 tokens + [SEP]
-    mlm_probability: float = 0.15
-    seed: int = 42
-
-    def validate(self) -> None:
-        if not isinstance(self.max_sequences, int) or self.max_sequences < 1:
-            raise ConfigError("max_sequences", f"must be an integer >= 1, got {self.max_sequences!r}")
-        if not isinstance(self.max_seq_length, int) or not 3 <= self.max_seq_length <= 65535:
-            raise ConfigError("max_seq_length", f"must be an integer in [3, 65535], got {self.max_seq_length!r}")
-        if not 0.0 < self.mlm_probability < 1.0:
-            raise ConfigError("mlm_probability", f"must lie in (0, 1), got {self.mlm_probability!r}")
-        if not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError("seed", f"must be an integer >= 0, got {self.seed!r}")
 
 
 class CorpusArrays(NamedTuple):

@@ -3,6 +3,8 @@
 `StageOptions` (what a stage learns from) and `RuntimeOptions` (speed only) are the one source of
 defaults; `stage_arguments()` reads the HF `TrainingArguments` JSON (run_mlm style accepted) and
 resolves `max_seq_length` and `mlm_probability`, for `train_stage` and the Dagster run preflight alike.
+torch and transformers are imported by the functions that use them: the Dagster code location
+imports this module for the run-config defaults, and must load without them.
 """
 
 from __future__ import annotations
@@ -11,13 +13,15 @@ import enum
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from transformers import TrainingArguments
+from typing import TYPE_CHECKING
 
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.layout import MODEL_CONFIG_FILE, VOCAB_FILE
 from tinyplm_lib.tokens.folder import TokenizerFolder
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import TrainingArguments
 
 # Keys of the original run_mlm.py JSON files that are not TrainingArguments. Data/model paths are
 # supplied by the pipeline itself, so they are accepted and ignored; the two that change training
@@ -84,11 +88,15 @@ class RuntimeOptions:
             if self.precision == "fp16" and device.type != "cuda":
                 raise ConfigError("precision", "fp16 needs a CUDA device")
             return self.precision
+        import torch
+
         if device.type == "cpu" or torch.cuda.is_bf16_supported():
             return "bf16"
         return "fp16" if device.type == "cuda" else "fp32"
 
     def autocast(self, device: torch.device):
+        import torch
+
         precision = self.resolve_precision(device)
         if precision == "fp32":
             return torch.autocast(device.type, enabled=False)
@@ -126,6 +134,8 @@ def load_training_arguments(path: Path, output_dir: Path, overrides: dict | None
 
     Unknown keys and out-of-range values are ConfigErrors naming the file and the setting.
     """
+    from transformers import TrainingArguments
+
     try:
         raw = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError as exc:

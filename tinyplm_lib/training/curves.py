@@ -2,16 +2,18 @@
 
 Both are written from a stage's `history` when the stage finishes, so a resumed run's curves are
 complete (the history travels inside every checkpoint) and identical to an uninterrupted run's.
-`figure_png` is the one way the project turns a matplotlib figure into PNG bytes.
+`figure_png` is the one way the project turns a matplotlib figure into PNG bytes. matplotlib is
+imported by `new_figure`: the Dagster code location imports the plotting modules, not their plots.
 """
 
 from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # 6.4 x 3.6 inches at 100 dpi: 640 x 360 pixels, 20-40 kB, small enough for Dagster metadata.
 FIGURE_SIZE = (6.4, 3.6)
@@ -22,6 +24,9 @@ LABELS = {"train_loss": "train", "eval_loss": "eval"}
 
 def new_figure(size: tuple[float, float] = FIGURE_SIZE) -> Figure:
     """A figure on its own Agg canvas: no pyplot, so no global state and no GUI backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=size, dpi=DPI, layout="constrained")
     FigureCanvasAgg(figure)
     return figure
