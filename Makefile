@@ -1,5 +1,6 @@
 # tinyplm: `make demo` (set up + whole pipeline on the demo corpus), `make test` (the whole test suite, as CI
-# runs it), `make test-fast` (the inner loop: the tests not marked `slow`).
+# runs it), `make test-fast` (the inner loop: the tests not marked `slow`), `make test-random [SEED=N]`
+# (the whole suite in a shuffled order).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
@@ -8,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install demo test test-fast browser dagster-home clean
+.PHONY: install demo test test-fast test-random browser dagster-home clean
 
 # torch first and exactly pinned: here pip finds a local CPU wheel for it (a looser range would pull
 # the multi-GB CUDA build); in the docker image the same line installs the CUDA build on purpose.
@@ -50,6 +51,16 @@ test: install browser
 
 test-fast: install
 	$(VENV)/bin/pytest -q $(XDIST) -m "not slow"
+
+# Test order: `make test` keeps one fixed order (pyproject's addopts turn pytest-randomly off), so its
+# timings compare run to run. `make test-random` shuffles with pytest-randomly: the files, then the tests
+# within each file (conftest then still starts the heavy groups first, the demo_run files on one worker),
+# and reseeds `random` and numpy per test. The seed is printed first (-q hides pytest's header);
+# `make test-random SEED=N` replays that order.
+test-random: install browser
+	@seed=$(if $(SEED),$(SEED),$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')); \
+	echo "test order: pytest-randomly seed $$seed (make test-random SEED=$$seed replays it)"; \
+	$(VENV)/bin/pytest -q $(XDIST) -p randomly --randomly-seed=$$seed
 
 clean:
 	rm -rf .tinyplm .dagster

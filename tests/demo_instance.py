@@ -2,8 +2,9 @@
 
 `materialise_demo` runs `dagster job execute -m tinyplm_assets.definitions -j pretrain_all -c
 configs/demo.yaml` with its own DAGSTER_HOME and TINYPLM_HOME, storing in a bucket on moto_server
-(conftest's `demo_run`). Tests only read that machine; one that runs more steps uses a new machine
-on the same bucket (`machine_env`) or a local copy of the demo machine (`copy_demo`).
+(conftest's `demo_run`). Tests only read that machine and its bucket; one that runs more steps uses a
+new machine on a copy of the bucket (`copy_bucket`, `machine_env`) or a local copy of the demo
+machine (`copy_demo`), so the tests pass in any order.
 """
 
 from __future__ import annotations
@@ -48,8 +49,8 @@ class Machine:
         return self.root / "home" / "artifacts"
 
 
-def machine_env(root: Path, s3: MotoServer | None = None) -> dict:
-    """A new machine under `root` (instance with the repository's dagster.yaml); with `s3`, storing in BUCKET."""
+def machine_env(root: Path, s3: MotoServer | None = None, bucket: str = BUCKET) -> dict:
+    """A new machine under `root` (instance with the repository's dagster.yaml); with `s3`, storing in `bucket`."""
     (root / "dagster_home").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(REPO_ROOT / "dagster.yaml", root / "dagster_home" / "dagster.yaml")
     # Nothing of the developer's own storage settings or AWS credentials reaches the test's processes.
@@ -57,8 +58,17 @@ def machine_env(root: Path, s3: MotoServer | None = None) -> dict:
     env.update(TINYPLM_HOME=str(root / "home"), DAGSTER_HOME=str(root / "dagster_home"),
                HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DAGSTER_DISABLE_TELEMETRY="1")
     if s3 is not None:
-        env.update(s3.env(), TINYPLM_S3_BUCKET=BUCKET, TINYPLM_S3_ENDPOINT_URL=s3.endpoint, TINYPLM_S3_PREFIX=PREFIX)
+        env.update(s3.env(), TINYPLM_S3_BUCKET=bucket, TINYPLM_S3_ENDPOINT_URL=s3.endpoint, TINYPLM_S3_PREFIX=PREFIX)
     return env
+
+
+def copy_bucket(s3: MotoServer, target: str, source: str = BUCKET) -> None:
+    """A new bucket `target` holding a copy of every object of `source` (server-side copies, ~1 s)."""
+    client = s3.client()
+    client.create_bucket(Bucket=target)
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=source):
+        for obj in page.get("Contents", []):
+            client.copy_object(Bucket=target, Key=obj["Key"], CopySource={"Bucket": source, "Key": obj["Key"]})
 
 
 def run_dagster(args: list[str], env: dict, ok: bool = True, timeout: int = 900) -> str:

@@ -1,9 +1,10 @@
 """Configuration errors are caught before any expensive work, with a message naming the setting.
 
-Four layers: Dagster's own run-config validation (unknown keys, wrong types), the run preflight
+Five layers: Dagster's own run-config validation (unknown keys, wrong types), the run preflight
 (`tinyplm_assets/preflight.py`: every asset's values and the tokenizer/model vocab agreement, when
 the run's first step starts), the corpus builders (a validation budget the corpus cannot leave
-room for) and the training stage's own start (`tinyplm_lib/training/arguments.py`, against the real
+room for), the library's own arguments (shard encoder, downloads: before any file, folder or
+request) and the training stage's own start (`tinyplm_lib/training/arguments.py`, against the real
 tokenizer, before a model is built or data read). A few seconds; nothing is trained.
 """
 
@@ -17,11 +18,14 @@ import pytest
 import yaml
 
 from tinyplm_lib.corpora.cc100 import Cc100Settings, build_cc100_corpus
+from tinyplm_lib.downloads.download import download
 from tinyplm_lib.errors import ConfigError
+from tinyplm_lib.tokens.shard_writer import encode_corpus
 from tinyplm_lib.training import prepare
 from tinyplm_lib.training.stage import StageOptions, train_stage
 
 from conftest import REPO_ROOT
+from http_server import FileHTTPServer
 
 DEMO = yaml.safe_load((REPO_ROOT / "configs" / "demo.yaml").read_text())
 FULL = yaml.safe_load((REPO_ROOT / "configs" / "full.yaml").read_text())
@@ -199,6 +203,35 @@ def test_validation_budget_not_below_the_corpus_is_named(tmp_path):
     build_cc100_corpus(raw, *out, Cc100Settings(max_lines=1000, max_validation_lines=60,
                                                 validation_doc_fraction=0.5), workers=1)
     assert all(path.exists() for path in out)
+
+
+# --- library arguments: checked before any file is read, folder made or request sent
+
+
+@pytest.mark.parametrize("workers, shard_lines, setting", [(1, 0, "shard_lines"), (0, 1000, "workers")])
+def test_encoder_arguments_are_checked_before_any_file(tmp_path, workers, shard_lines, setting):
+    out = tmp_path / "shards"
+    # Neither the corpus nor the tokenizer exists: reading either first would be an InputError.
+    with pytest.raises(ConfigError) as info:
+        encode_corpus(tmp_path / "no-corpus.txt", tmp_path / "no-tokenizer", out, workers=workers,
+                      shard_lines=shard_lines)
+    assert info.value.setting == setting and setting in str(info.value)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("setting, value", [("max_retries", -1), ("timeout", 0), ("backoff", -0.5),
+                                            ("chunk_size", 0), ("expected_size", -1)])
+def test_download_arguments_are_checked_before_any_request(tmp_path, setting, value):
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / "data.bin").write_bytes(b"x")
+    dest = tmp_path / "out" / "data.bin"
+    with FileHTTPServer(served) as server:
+        with pytest.raises(ConfigError) as info:
+            download(server.url("data.bin"), dest, progress=False, **{setting: value})
+        assert server.requests == [], f"{len(server.requests)} requests before the check"
+    assert info.value.setting == setting and str(value) in str(info.value)
+    assert not dest.parent.exists()
 
 
 # --- the training stage's start: against the real tokenizer, before any model or data

@@ -64,6 +64,11 @@ def _staged(store, files: dict[str, bytes]):
     return staging
 
 
+def _client(endpoint: str, key: str, secret: str):
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id=key,
+                        aws_secret_access_key=secret)
+
+
 def _objects(server, prefix=""):
     client = server.client()
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
@@ -151,14 +156,30 @@ def test_unreachable_endpoint_fails_clearly_after_bounded_retries(tmp_path):
     assert ACCESS_KEY not in message and SECRET_KEY not in message
 
 
-def test_bad_credentials_error_does_not_echo_them(server, tmp_path):
-    client = boto3.client("s3", endpoint_url=server.endpoint, region_name="us-east-1",
-                          aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY)
-    store = S3ArtifactStore(tmp_path, client, "no-such-bucket-here")
+@pytest.fixture(scope="module")
+def checking_server():
+    """A server of its own that checks signatures (`server` accepts any keys), holding BUCKET; its valid keys."""
+    with MotoServer() as s3:
+        s3.create_bucket(BUCKET)
+        yield s3, s3.enforce_auth()
+
+
+@pytest.mark.parametrize("wrong", ["access_key", "secret"])
+def test_bad_credentials_are_refused_and_not_echoed(checking_server, tmp_path, wrong):
+    server, (key, secret) = checking_server
+    good = S3ArtifactStore(tmp_path / "good", _client(server.endpoint, key, secret), BUCKET, f"creds-{wrong}")
+    good.publish("thing", _staged(good, {"a": b"1"}))  # the bucket exists and the right keys work
+    bad_key, bad_secret = ("AKIATINYPLMWRONGKEY1", secret) if wrong == "access_key" else (key, "tinyplm-wrong-Xy7")
+    bad = S3ArtifactStore(tmp_path / "bad", _client(server.endpoint, bad_key, bad_secret), BUCKET, f"creds-{wrong}")
     with pytest.raises(StorageError) as err:
-        store.publish("thing", _staged(store, {"a": b"1"}))
-    assert "no-such-bucket-here" in str(err.value)
-    assert ACCESS_KEY not in str(err.value) and SECRET_KEY not in str(err.value)
+        bad.publish("thing", _staged(bad, {"a": b"2"}))
+    message = str(err.value)
+    code = "InvalidAccessKeyId" if wrong == "access_key" else "SignatureDoesNotMatch"
+    assert code in message, f"refused for another reason than the credentials: {message}"
+    assert f"s3://{BUCKET}/creds-{wrong}/thing" in message and server.endpoint in message
+    for secret_text in {bad_key, bad_secret, key, secret, ACCESS_KEY, SECRET_KEY}:
+        assert secret_text not in message
+    assert (good.load("thing").path / "a").read_bytes() == b"1", "the refused publish changed nothing"
 
 
 def test_bucket_holds_raw_files_and_json_manifests_only(server, store_factory):

@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -137,13 +137,13 @@ class DroppingProxy:
         self._stopping = False
         self._threads: list[threading.Thread] = []
 
-    def __enter__(self) -> DroppingProxy:
+    def __enter__(self) -> Self:
         thread = threading.Thread(target=self._accept, daemon=True)
         thread.start()
         self._threads.append(thread)
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self._stopping = True
         for thread in self._threads:
             thread.join(timeout=5)
@@ -404,6 +404,33 @@ def test_missing_object_fails_at_once(
     assert len(calls) == 1 and waits == []  # no retry on a client error
     _secret_free(info.value)
     assert not dest.exists()
+
+
+@pytest.mark.parametrize(("wrong", "code"), [("access_key", "InvalidAccessKeyId"), ("secret", "SignatureDoesNotMatch")])
+def test_bad_keys_fail_at_once_without_showing_them(
+    payload: bytes, dest: Path, monkeypatch: pytest.MonkeyPatch, wrong: str, code: str,
+) -> None:
+    import boto3
+
+    waits: list[float] = []
+    monkeypatch.setattr(source, "_sleep", waits.append)
+    with MotoServer() as checking:  # its own server: `moto` accepts any keys
+        checking.create_bucket("corpus-auth")
+        checking.client().put_object(Bucket="corpus-auth", Key="data.bin", Body=payload)
+        key, secret = checking.enforce_auth()
+        bad_key, bad_secret = ("AKIATINYPLMWRONGKEY1", secret) if wrong == "access_key" else (key, "tinyplm-wrong-Xy7")
+        client = boto3.client("s3", endpoint_url=checking.endpoint, region_name=REGION,
+                              aws_access_key_id=bad_key, aws_secret_access_key=bad_secret)
+        calls = _record(client)
+        with pytest.raises(DownloadError, match=code) as info:
+            download("s3://corpus-auth/data.bin", dest, max_retries=3, s3_client=client, **FAST)
+        good = boto3.client("s3", endpoint_url=checking.endpoint, region_name=REGION,
+                            aws_access_key_id=key, aws_secret_access_key=secret)
+        assert download("s3://corpus-auth/data.bin", dest, s3_client=good, **FAST).sha256 == _sha(payload)
+    assert len(calls) == 1 and waits == []  # refused credentials are not retried
+    assert "s3://corpus-auth/data.bin" in str(info.value)
+    for text in (bad_key, bad_secret, key, secret):
+        assert text not in str(info.value) and text not in repr(info.value.args)
 
 
 def test_access_denied_fails_at_once(moto: MotoServer, obj: str, dest: Path) -> None:
