@@ -24,6 +24,7 @@ from tinyplm_assets.config import (
     TokenShardsConfig,
     TrainingStageConfig,
 )
+from tinyplm_assets.resources import hold_asset_locks
 from tinyplm_lib.errors import ConfigError
 from tinyplm_lib.tokens.tokenizer import TokenizerSettings
 from tinyplm_lib.training.arguments import check_stage_settings, check_vocab_setting, stage_arguments
@@ -135,8 +136,9 @@ def check_run(context: AssetExecutionContext) -> None:
     rather than from a resource's setup, so a reader of an asset sees it. The step's inputs are
     loaded before its body runs: the run's first steps (downloads) have none, and a run started
     further down fails after loading its inputs, still before any work.
+    Then, every step, it takes the locks of the assets the step writes (`hold_asset_locks`).
     """
-    if context.run_id in _checked_runs:
-        return
-    check_run_config(context.run_config, assets_in_run(context))
-    _checked_runs.add(context.run_id)
+    if context.run_id not in _checked_runs:
+        check_run_config(context.run_config, assets_in_run(context))
+        _checked_runs.add(context.run_id)
+    hold_asset_locks(context)

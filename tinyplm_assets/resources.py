@@ -10,13 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from dagster import ConfigurableIOManager, ConfigurableResource, InputContext, MetadataValue, OutputContext
-from dagster_aws.s3 import S3Resource
+from dagster import (
+    AssetExecutionContext,
+    ConfigurableIOManager,
+    ConfigurableResource,
+    InitResourceContext,
+    InputContext,
+    MetadataValue,
+    OutputContext,
+)
 from pydantic import Field
 
 from tinyplm_assets.environment import default_home, s3_settings
 from tinyplm_assets.metadata import manifest_digest
+from tinyplm_lib import faultpoints
 from tinyplm_lib.errors import StorageError
+from tinyplm_lib.store import locks
 from tinyplm_lib.store.artifacts import ArtifactStore, LocalArtifactStore, StoredArtifact, artifact_key
 
 
@@ -42,6 +51,8 @@ class ArtifactStorage(ConfigurableResource):
 
     def s3_client(self):
         """A boto3 S3 client from dagster-aws's S3Resource, with this resource's endpoint and region."""
+        from dagster_aws.s3 import S3Resource  # here: boto3 costs every code-location load ~1.5 s
+
         return S3Resource(endpoint_url=self.s3_endpoint_url, region_name=self.s3_region,
                           max_attempts=self.s3_max_attempts).get_client()
 
@@ -51,7 +62,9 @@ class ArtifactStorage(ConfigurableResource):
     def staging_dir(self, label: str) -> Path:
         """An empty directory on the store's filesystem, for an asset to write its value into."""
         # Staging is always local (under the same root for either store): no S3 client needed.
-        return LocalArtifactStore(self._root()).staging_dir(label)
+        staging = LocalArtifactStore(self._root()).staging_dir(label)
+        faultpoints.reached("early", label)
+        return staging
 
     def downloads_dir(self) -> Path:
         """Persistent partial downloads, kept across runs so an interrupted download resumes."""
@@ -72,7 +85,8 @@ class ArtifactIOManager(ConfigurableIOManager):
                 "artifact assets must return the Path of the directory they wrote"
             )
         store = self.storage.store()
-        stored = store.publish(_key(context), Path(obj))
+        with locks.publishing(store, _key(context), context.run_id):  # taken by check_run at the step's start
+            stored = store.publish(_key(context), Path(obj))
         metadata = _metadata(stored)
         location = store.describe(_key(context))
         if location != str(stored.path):  # on S3, `path` is only this machine's cache
@@ -81,6 +95,22 @@ class ArtifactIOManager(ConfigurableIOManager):
 
     def load_input(self, context: InputContext) -> Path:
         return self.storage.store().load(_key(context)).path
+
+    def teardown_after_execution(self, context: InitResourceContext) -> None:
+        # The end of a step (of the run, in-process): a failed step's locks are released here.
+        if context.run_id:
+            locks.release_run(context.run_id)
+
+
+def hold_asset_locks(context: AssetExecutionContext) -> None:
+    """Take the materialisation locks of every asset this step writes; `check_run` calls it first thing.
+
+    Held until each is published (or the step ends), so a second run of the same asset fails at its
+    start with a LockHeld naming the holder, before any work (see tinyplm_lib/store/locks.py).
+    """
+    partition = context.partition_key if context.has_partition_key else None
+    keys = [artifact_key(key.path, partition) for key in context.selected_asset_keys]
+    locks.hold(context.resources.storage.store(), keys, context.run_id)
 
 
 def _key(context: OutputContext | InputContext) -> str:

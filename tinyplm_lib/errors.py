@@ -38,3 +38,22 @@ class ConfigError(TinyPLMError, ValueError):
 
 class StorageError(TinyPLMError):
     """An artifact that is missing, incomplete or fails its manifest check."""
+
+
+class DiskFullError(StorageError):
+    """A write that found no room: disk full (ENOSPC), quota (EDQUOT) or file-size limit (EFBIG).
+
+    The message (see `tinyplm_lib.diskspace.disk_errors`) names the path, the space the write needs
+    and what is free; `needed`, `free` and `limit` (RLIMIT_FSIZE, for EFBIG) hold the figures in
+    bytes, None where unknown.
+    """
+
+    def __init__(self, path: object, message: str, needed: int | None, free: int | None,
+                 limit: int | None = None) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = str(path)
+        self.reason = message
+        self.needed, self.free, self.limit = needed, free, limit
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.reason, self.needed, self.free, self.limit))

@@ -7,6 +7,7 @@ the one implementation; stages call it rather than writing their own temp-then-r
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -144,10 +145,19 @@ class AtomicTextWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         assert self._file is not None
-        self._file.close()
-        self._file = None
+        file, self._file = self._file, None
         if exc_type is None:
-            os.replace(self.tmp_path, self.path)
-        else:
-            self.tmp_path.unlink(missing_ok=True)
-            self.path.unlink(missing_ok=True)
+            try:
+                file.close()  # flushes the last buffer: where a full disk often shows
+                os.replace(self.tmp_path, self.path)
+                return
+            except BaseException:
+                self._remove()
+                raise
+        with contextlib.suppress(OSError):  # a full disk fails the flush again; the error is known
+            file.close()
+        self._remove()
+
+    def _remove(self) -> None:
+        self.tmp_path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)

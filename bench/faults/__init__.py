@@ -7,7 +7,7 @@ registers and reports; scenarios by category in download, inputs, storage, s3, s
 
 from __future__ import annotations
 
-from bench.faults import download, inputs, s3, steps, storage  # noqa: F401  (each registers its scenarios)
+from bench.faults import concurrent, dagster_kill, disk, download, inputs, s3, steps, storage  # noqa: F401  (each registers its scenarios)
 from bench.faults.core import SCENARIOS, Run, Scenario, ScenarioFailed, run_all, run_scenario
 from bench.faults.lab import Lab
 

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for item in SCENARIOS.values():
-            print(f"{item.name:42s} {item.category:9s} {item.summary}")
+            print(f"{item.name:42s} {item.category:17s} {item.summary}")
         return 0
     unknown = sorted(set(args.only or []) - set(SCENARIOS))
     if unknown:
@@ -31,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     report = run_all(args.only)
     if args.json:
         write_report(report, args.json)
+    for name, count in report["categories"].items():
+        print(f"  {name:17s} {count['passed']}/{count['scenarios']}")
     print(f"{report['passed']}/{report['scenarios']} scenarios passed, data_lost {report['data_lost']}, "
           f"{report['seconds']} s")
     return 0 if report["failed"] == 0 else 1

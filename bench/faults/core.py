@@ -77,7 +77,7 @@ class Scenario:
 
 
 # The order of --list and of the report: by category, then as defined in the category's module.
-CATEGORIES = ("download", "input", "storage", "s3", "step")
+CATEGORIES = ("download", "input", "storage", "s3", "step", "dagster_step_kill", "disk_full", "concurrent_runs")
 SCENARIOS: dict[str, Scenario] = {}
 
 
@@ -142,6 +142,7 @@ def run_all(names: list[str] | None = None, workdir: Path | None = None, log=pri
         "passed": passed,
         "failed": len(results) - passed,
         "data_lost": sum(r["data_lost"] for r in results),
+        "categories": _categories(results),
         "seconds": round(time.perf_counter() - started, 2),
         "date": time.strftime("%Y-%m-%d"),
         "python": platform.python_version(),
@@ -152,6 +153,15 @@ def run_all(names: list[str] | None = None, workdir: Path | None = None, log=pri
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "results": results,
     }
+
+
+def _categories(results: list[dict]) -> dict[str, dict[str, int]]:
+    """{category: {"scenarios": n, "passed": p}}, in CATEGORIES order, for the categories that ran."""
+    counts = {name: {"scenarios": 0, "passed": 0} for name in CATEGORIES}
+    for result in results:
+        counts[result["category"]]["scenarios"] += 1
+        counts[result["category"]]["passed"] += int(result["passed"])
+    return {name: count for name, count in counts.items() if count["scenarios"]}
 
 
 def write_report(report: dict, path: Path) -> None:

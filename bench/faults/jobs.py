@@ -77,7 +77,10 @@ def _job_hold_staging(args: dict) -> dict:
 
     staging = LocalArtifactStore(Path(args["root"])).staging_dir(args["label"])
     (staging / SENTENCES_FILE).write_text("half-written by another run\n", encoding="utf-8")
-    Path(args["ready"]).write_text(str(staging), encoding="utf-8")
+    # Renamed into place: the parent polls for the file and must never read it empty.
+    ready = Path(args["ready"])
+    ready.with_name(ready.name + ".tmp").write_text(str(staging), encoding="utf-8")
+    ready.with_name(ready.name + ".tmp").replace(ready)
     time.sleep(600)
     return {}
 
@@ -96,10 +99,29 @@ def _job_train(args: dict) -> dict:
     return {key: metrics[key] for key in ("global_step", "eval_loss", "resumed_from_step")}
 
 
+def _job_limited(args: dict) -> dict:
+    """Job `inner` under a file-size limit (`fsize` bytes: RLIMIT_FSIZE, a write past it is EFBIG);
+    a TinyPLMError it raises is the result: {"error", "message", "path", "needed", "free", "limit"}."""
+    import resource
+
+    from tinyplm_lib.errors import TinyPLMError
+
+    before = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if args.get("fsize"):
+        resource.setrlimit(resource.RLIMIT_FSIZE, (args["fsize"], before[1]))
+    try:
+        return {"result": JOBS[args["inner"]](args)}
+    except TinyPLMError as exc:
+        return {"error": type(exc).__name__, "message": str(exc),
+                **{name: getattr(exc, name, None) for name in ("path", "needed", "free", "limit")}}
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, before)  # the RESULT line is written after this
+
+
 JOBS: dict[str, Callable[[dict], dict]] = {
     "download": _job_download, "corpus_step": _job_corpus_step, "shards": _job_shards,
     "publish": _job_publish, "s3_publish": _job_s3_publish, "hold_staging": _job_hold_staging,
-    "train": _job_train,
+    "train": _job_train, "limited": _job_limited,
 }
 
 

@@ -22,7 +22,9 @@ from tinyplm_lib.corpora.cleaning import has_control_chars, normalize_line
 from tinyplm_lib.corpora.dedup import DocumentSpool, LineChunk, LineDocument, assemble_documents, line_hashes
 from tinyplm_lib.corpora.reader import LineBlock, LineReader, iter_line_blocks
 from tinyplm_lib.corpora.records import BadLine, BadRecords, CorpusStats, check_bad_record_policy, decode_checked
+from tinyplm_lib.corpora.sampling import sample_input
 from tinyplm_lib.corpora.split import in_validation
+from tinyplm_lib.diskspace import SpaceNeeded, disk_errors
 from tinyplm_lib.errors import ConfigError, InputError
 from tinyplm_lib.files import AtomicTextWriter
 from tinyplm_lib.parallel import WorkerPool, pool_or_own
@@ -32,6 +34,9 @@ BLOCK_BYTES = 1 << 20
 # Hashes deduplicated in memory at once: ~40 MB while sorting, the same from 1M lines to the full
 # run's 128M (128 bucket files).
 DEDUP_BUCKET_ENTRIES = 1_000_000
+# Dedup work bytes per line beside the text, at their peak (DocumentSpool): hash, length, characters
+# and start flag (25), the first-occurrence flag and the buckets' entries while marking.
+_SPOOL_BYTES_PER_LINE = 42
 # The most repeated lines the stats name (details.duplicate_examples).
 DUPLICATE_EXAMPLES = 5
 # CONTROL_CHARS as UTF-8 bytes: C0 controls and DEL are single bytes, C1 controls are C2 80..C2 9F.
@@ -247,8 +252,28 @@ def build_cc100_corpus(
     if train_path.resolve() == validation_path.resolve():
         raise ConfigError("validation_path", "must differ from train_path")
     work = Path(work_dir) if work_dir is not None else train_path.parent
-    with pool_or_own(pool, workers) as chosen:
+    what = f"the cc100 corpus (this split, {validation_path} and the dedup work files in {work})"
+    with pool_or_own(pool, workers) as chosen, \
+            disk_errors(train_path, lambda: _space_needed(raw_path, settings), what):
         return _build(raw_path, train_path, validation_path, settings, work, chosen)
+
+
+def _space_needed(raw_path: Path, settings: Cc100Settings) -> SpaceNeeded:
+    """Disk a build uses at its peak, for a DiskFullError: both splits (the input's non-empty lines,
+    at most `max_lines`) and, with dedup, the spool (the same text plus 42 bytes a line). Lines and
+    their length are counted in the input's first 4 MiB and scaled to its size (`sample_input`)."""
+    sample = sample_input(raw_path)
+    lines = [line for line in sample.data.split(b"\n") if line.strip()]
+    per_line = (sum(map(len, lines)) + len(lines)) / max(len(lines), 1)
+    count = min(settings.max_lines, round(len(lines) * sample.total_bytes / max(len(sample.data), 1)))
+    text = round(count * per_line)
+    counted = (f"{count:,} lines of ~{per_line:.0f} bytes, counted in the input's first {len(sample.data):,} "
+               f"bytes and scaled to its ~{sample.total_bytes:,} (at most max_lines)")
+    if not settings.dedup:
+        return SpaceNeeded(text, f"the two splits: {counted}")
+    return SpaceNeeded(2 * text + _SPOOL_BYTES_PER_LINE * count,
+                       f"the two splits and the dedup spool, each {counted}, plus the spool's "
+                       f"{_SPOOL_BYTES_PER_LINE} bytes a line")
 
 
 def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: Cc100Settings,

@@ -222,8 +222,10 @@ class DocumentSpool:
         return self
 
     def __exit__(self, *exc_info) -> None:
-        self._files.close()
-        shutil.rmtree(self.work, ignore_errors=True)
+        try:
+            self._files.close()  # may fail flushing on a full disk: the work files go all the same
+        finally:
+            shutil.rmtree(self.work, ignore_errors=True)
 
     def append(self, text: bytes, lengths: np.ndarray, hashes: np.ndarray, chars: np.ndarray,
                starts: np.ndarray) -> None:

@@ -17,9 +17,11 @@ from typing import BinaryIO
 
 from tinyplm_lib.corpora.dedup import iter_flags, mark_first_occurrences
 from tinyplm_lib.corpora.jawiki_parse import DocumentLine, IndexLine, Outcome, ParseTask, Sentences, parse_block
-from tinyplm_lib.corpora.reader import LineReader, iter_line_blocks
+from tinyplm_lib.corpora.reader import LineBlock, LineReader, iter_line_blocks
 from tinyplm_lib.corpora.records import BadLine, BadRecords, CorpusStats, check_bad_record_policy
+from tinyplm_lib.corpora.sampling import sample_input
 from tinyplm_lib.corpora.split import in_validation
+from tinyplm_lib.diskspace import SpaceNeeded, disk_errors
 from tinyplm_lib.errors import ConfigError, InputError
 from tinyplm_lib.files import AtomicTextWriter
 from tinyplm_lib.parallel import WorkerPool, pool_or_own
@@ -221,8 +223,29 @@ def build_jawiki_corpus(
     raw_path, train_path, validation_path = Path(raw_path), Path(train_path), Path(validation_path)
     if train_path.resolve() == validation_path.resolve():
         raise ConfigError("validation_path", "must differ from train_path")
-    with pool_or_own(pool, workers) as chosen:
+    what = f"the JaWiki corpus (this split, {validation_path} and the work files in {work_dir or train_path.parent})"
+    with pool_or_own(pool, workers) as chosen, \
+            disk_errors(train_path, lambda: _space_needed(raw_path, settings), what):
         return _build(raw_path, train_path, validation_path, settings, work_dir, chosen)
+
+
+def _space_needed(raw_path: Path, settings: JawikiSettings) -> SpaceNeeded:
+    """Disk a build uses at its peak, for a DiskFullError: the work files (the candidate sentences
+    plus 10 bytes each: tag, hash, flag) and the two splits (at most the candidates again). The
+    dump's first 4 MiB are parsed as the build does and scaled to its size, or to max_documents."""
+    sample = sample_input(raw_path)
+    parsed = parse_block(ParseTask(LineBlock(1, sample.data, {}), settings.min_chars, settings.max_chars,
+                                   settings.max_record_bytes))
+    kept = [o.sentences for o in parsed.outcomes
+            if isinstance(o, DocumentLine) and o.namespace == 0 and o.sentences is not None]
+    scale = sample.total_bytes / max(len(sample.data), 1)
+    if settings.max_documents is not None:
+        scale = min(scale, settings.max_documents / max(len(kept), 1))
+    text, count = sum(len(s.blob) for s in kept), sum(s.kept for s in kept)
+    return SpaceNeeded(round(scale * (2 * text + 10 * count)),
+                       f"twice the {text:,} bytes of {count:,} sentences in {len(kept):,} articles of the "
+                       f"dump's first {len(sample.data):,} bytes plus 10 bytes a sentence, scaled by {scale:.1f} "
+                       "to the whole dump (or max_documents)")
 
 
 def _build(raw_path: Path, train_path: Path, validation_path: Path, settings: JawikiSettings,

@@ -25,13 +25,14 @@ from tinyplm_lib.errors import InputError
 _DECOMPRESS_ERRORS = (EOFError, lzma.LZMAError, gzip.BadGzipFile, zlib.error)
 
 
-def _open_binary(path: Path) -> IO[bytes]:
-    name = path.name.lower()
+def open_binary(path: Path, raw: IO[bytes] | None = None) -> IO[bytes]:
+    """`path` decompressed as its name says; read from `raw` (the open file) where given."""
+    name, source = path.name.lower(), path if raw is None else raw
     if name.endswith(".xz"):
-        return lzma.open(path, "rb")
+        return lzma.open(source, "rb")
     if name.endswith(".gz"):
-        return gzip.open(path, "rb")
-    return open(path, "rb")
+        return gzip.open(source, "rb")
+    return open(path, "rb") if raw is None else raw
 
 
 def read_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -73,7 +74,7 @@ def open_raw(path: Path) -> IO[bytes]:
         raise InputError(path, "file not found")
     if path.stat().st_size == 0:
         raise InputError(path, "file is empty (0 bytes); re-download it")
-    return _open_binary(path)
+    return open_binary(path)
 
 
 def _read_chunk(stream: IO[bytes], size: int) -> tuple[bytes, BaseException | None]:

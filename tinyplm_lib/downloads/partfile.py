@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
+from tinyplm_lib import faultpoints
 from tinyplm_lib.files import atomic_write_json, fsync_dir, fsync_file
 
 
@@ -107,6 +108,8 @@ class PartFile:
         with open(self.path, "ab") as fh, _progress_bar(self.dest.name, total, self.size(), progress) as bar:
             while chunk := read(self.chunk_size):
                 self.append(fh, chunk)
+                if not received:
+                    faultpoints.reached("early", self.dest.name)
                 received += len(chunk)
                 bar.update(len(chunk))
         return received

@@ -16,9 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinyplm_lib import faultpoints
+from tinyplm_lib.diskspace import SpaceNeeded, disk_errors, tree_bytes
 from tinyplm_lib.errors import StorageError
 from tinyplm_lib.files import atomic_write_json, sha256_file
 from tinyplm_lib.layout import MANIFEST_FILE
+from tinyplm_lib.store.locks import LOCKS_DIR, AssetLock, LocalLock
 from tinyplm_lib.store.scratch import claim_scratch_dir, exchange_paths, release_scratch_dir, sweep_scratch
 
 MANIFEST_FORMAT = 1
@@ -150,7 +153,8 @@ class ArtifactStore:
         `source` is moved when it lies inside the root or `move` is set (scratch the caller no
         longer needs), else copied, so a user's own directory is never taken away.
         """
-        incoming, manifest = self._prepare(source, move)
+        with disk_errors(self.path_for(key), lambda: _space_to_publish(Path(source)), f"{source} into the store"):
+            incoming, manifest = self._prepare(source, move)  # which removed its partial copy
         try:
             self._commit(key, incoming, manifest)
         except BaseException:
@@ -178,9 +182,17 @@ class ArtifactStore:
         """Where `key` lives, for messages and metadata (never with credentials)."""
         return str(self.path_for(key))
 
+    def lock(self, key: str, run_id: str) -> AssetLock:
+        """`key`'s materialisation lock for `run_id`: a lock file under the root (see store/locks.py)."""
+        return LocalLock(self.root / LOCKS_DIR, key, run_id)
+
     # -- where bytes go: the one thing subclasses change ------------------------------------
     def _commit(self, key: str, incoming: Path, manifest: dict) -> None:
-        """Make the complete, manifested `incoming` directory durable as `key`."""
+        """Make the complete, manifested `incoming` directory durable as `key`.
+
+        Locally it already is: `_install` renames it into place next.
+        """
+        faultpoints.reached("publish", key)
 
     # -- shared steps ------------------------------------------------------------------------
     def _new_incoming(self, create: bool = True) -> Path:
@@ -272,7 +284,29 @@ def _move_or_copy(source: Path, dest: Path, root: Path, move: bool = False) -> N
             if exc.errno != errno.EXDEV:  # another filesystem: fall back to a copy
                 raise
     if source.is_dir():
-        shutil.copytree(source, dest)
+        _copy_tree(source, dest)
     else:
         shutil.copy2(source, dest)
+
+
+def _copy_tree(source: Path, dest: Path) -> None:
+    # Not shutil.copytree: it goes on after a failed file and reports all failures as one
+    # shutil.Error without an errno, so a full disk would read as any other error.
+    for folder, _, files in os.walk(source, onerror=_raise, followlinks=True):  # links followed, as copytree
+        here = dest / os.path.relpath(folder, source)
+        here.mkdir()
+        for name in files:
+            shutil.copy2(os.path.join(folder, name), here / name)
+
+
+def _raise(error: OSError) -> None:
+    raise error
+
+
+def _space_to_publish(source: Path) -> SpaceNeeded:
+    """What a publish writes, for a DiskFullError: a copy of `source`, or only a manifest of a
+    few kB where it was moved in (it is then gone from its old place)."""
+    if source.exists():
+        return SpaceNeeded(tree_bytes(source), f"the size of {source}, copied in")
+    return SpaceNeeded(4096, "its manifest; the files were moved in, not copied")
 

@@ -1,8 +1,10 @@
 """Artifacts in an S3 bucket (AWS, MinIO, any S3-compatible endpoint), with a verified local cache.
 
 Publishing deletes the old manifest first, uploads every file, writes the manifest last, then drops
-files only the old version had: no manifest, no artifact. Reads fetch only missing or differing
-files, verify sizes and sha256, and install atomically. Objects are raw files and JSON, never pickles.
+files only the old version had: no manifest, no artifact. Those are many requests, so two runs never
+publish one key at once: each holds the key's lease (`lock`, tinyplm_lib/store/locks.py). Reads fetch
+only missing or differing files, verify sizes and sha256, and install atomically. Objects are raw
+files and JSON, never pickles.
 """
 
 from __future__ import annotations
@@ -16,10 +18,13 @@ from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from tinyplm_lib import faultpoints
+from tinyplm_lib.diskspace import SpaceNeeded, disk_errors
 from tinyplm_lib.errors import StorageError
 from tinyplm_lib.files import sha256_file
 from tinyplm_lib.layout import MANIFEST_FILE
 from tinyplm_lib.store.artifacts import MANIFEST_FORMAT, ArtifactStore, StoredArtifact, write_manifest
+from tinyplm_lib.store.locks import LEASE_TTL_S, S3Lease
 from tinyplm_lib.store.scratch import release_scratch_dir
 
 # Multipart above 64 MiB, in 64 MiB parts, 4 parts in flight: a 15 GB raw dump is ~230 parts.
@@ -38,6 +43,7 @@ class S3ArtifactStore(ArtifactStore):
         self.client, self.bucket, self.prefix = client, bucket, prefix.strip("/")
         self.transfer = transfer
         self.endpoint = getattr(getattr(client, "meta", None), "endpoint_url", None) or "default AWS endpoint"
+        self.lease_ttl_s = LEASE_TTL_S
 
     def object_key(self, key: str, relative: str = "") -> str:
         return "/".join(part for part in (self.prefix, key, relative) if part)
@@ -45,13 +51,19 @@ class S3ArtifactStore(ArtifactStore):
     def describe(self, key: str) -> str:
         return f"s3://{self.bucket}/{self.object_key(key)}"
 
+    def lock(self, key: str, run_id: str) -> S3Lease:
+        """A lease object in the bucket (`<prefix>/.locks/<key>.json`): runs on every machine see it."""
+        return S3Lease(self, key, run_id, self.lease_ttl_s)
+
     # -- write ---------------------------------------------------------------------------------
     def _commit(self, key: str, incoming: Path, manifest: dict) -> None:
         old = self._remote_manifest(key)
         manifest_key = self.object_key(key, MANIFEST_FILE)
         with self._errors("replace", key):
             self.client.delete_object(Bucket=self.bucket, Key=manifest_key)
-            for entry in manifest["files"]:
+            for done, entry in enumerate(manifest["files"]):
+                if done == len(manifest["files"]) // 2:
+                    faultpoints.reached("publish", key)  # old manifest gone, half the files uploaded
                 self.client.upload_file(str(incoming / entry["path"]), self.bucket,
                                         self.object_key(key, entry["path"]), Config=self.transfer)
             body = (incoming / MANIFEST_FILE).read_bytes()
@@ -81,7 +93,9 @@ class S3ArtifactStore(ArtifactStore):
                 if local.is_file() and local.stat().st_size == entry["size"] and sha256_file(local) == entry["sha256"]:
                     os.link(local, target)  # the cached copy is still right: no download
                     continue
-                with self._errors("download", key):
+                with self._errors("download", key), disk_errors(
+                        cached, lambda: _space_to_cache(manifest), f"a local copy of {self.describe(key)}",
+                        cleanup=lambda: shutil.rmtree(incoming, ignore_errors=True)):
                     self.client.download_file(self.bucket, self.object_key(key, entry["path"]), str(target),
                                               Config=self.transfer)
                 size = target.stat().st_size
@@ -165,6 +179,13 @@ class _S3Errors:
             f"S3 {self.action} {self.store.describe(self.key)} failed at {self.store.endpoint}: "
             f"{type(exc).__name__}: {_scrub(str(exc), self.store.client)}"
         ) from None
+
+
+def _space_to_cache(manifest: dict) -> SpaceNeeded:
+    """What a load writes to the cache, for a DiskFullError: every file of the artifact, at most
+    (files the cache still holds unchanged are linked, not downloaded)."""
+    return SpaceNeeded(sum(entry["size"] for entry in manifest["files"]),
+                       f"the {len(manifest['files'])} files its manifest lists, less any still cached")
 
 
 def _scrub(message: str, client) -> str:

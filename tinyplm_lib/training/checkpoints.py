@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import re
 import shutil
@@ -21,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tinyplm_lib.diskspace import SpaceNeeded, disk_errors
 from tinyplm_lib.errors import ConfigError, StorageError
 from tinyplm_lib.files import atomic_write_json, fsync_file
 from tinyplm_lib.layout import MANIFEST_FILE, MODEL_WEIGHTS_FILE
@@ -42,6 +44,8 @@ REQUIRED_FILES = (MODEL_FILE, TRAINER_TENSORS_FILE, TRAINER_JSON_FILE, STATE_FIL
 # Sizes, measured here: bert-tiny-custom (13M parameters) gives a 52 MB model file and 104 MB of
 # Adam moments, written in 0.4 s on this CPU; the test model (0.7M) 2.9 MB + 5.7 MB.
 _STEP_DIR = re.compile(r"step-(\d{8,})")
+# How safetensors (Rust) reports a failed write: "I/O error: No space left on device (os error 28)".
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 class CheckpointSink(Protocol):
@@ -126,11 +130,11 @@ def write_checkpoint(directory: Path, *, model, optimizer, scheduler, scaler, st
     directory.mkdir(parents=True, exist_ok=True)
     if any(directory.iterdir()):
         raise StorageError(f"{directory}: not empty; a checkpoint is written into a fresh directory")
-    save_file(_unique_tensors(model.state_dict()), str(directory / MODEL_FILE))
+    _save_tensors(_unique_tensors(model.state_dict()), directory / MODEL_FILE)
     tensors: dict[str, torch.Tensor] = {}
     tree = _to_json_tree({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                           "scaler": scaler.state_dict(), "rng": _capture_rng()}, "", tensors)
-    save_file(tensors, str(directory / TRAINER_TENSORS_FILE))
+    _save_tensors(tensors, directory / TRAINER_TENSORS_FILE)
     # Floats are written as Python's shortest round-trip repr, so losses and learning rates come
     # back bit for bit.
     atomic_write_json(directory / TRAINER_JSON_FILE, tree, indent=1)
@@ -217,11 +221,29 @@ def find_resumable(sink: CheckpointSink, settings: dict, log: Callable[[str], No
 
 
 def save_to_sink(sink: CheckpointSink, scratch: Path, step: int, state: dict, **objects) -> None:
-    """write_checkpoint() into the local `scratch` directory, then hand it to the sink."""
+    """write_checkpoint() into the local `scratch` directory, then hand it to the sink.
+
+    A full disk raises DiskFullError naming `scratch` and the checkpoint's size; the partial
+    checkpoint is removed and the sink's earlier ones stay as they were.
+    """
     shutil.rmtree(scratch, ignore_errors=True)  # a leftover of an attempt that died mid-write
-    write_checkpoint(scratch, state=state, **objects)
-    sink.save(step, scratch)
-    shutil.rmtree(scratch, ignore_errors=True)  # still there when the sink copied rather than moved
+    try:
+        with disk_errors(scratch, lambda: _checkpoint_bytes(objects["model"], objects["optimizer"]),
+                         f"the checkpoint of step {step}", cleanup=lambda: shutil.rmtree(scratch, ignore_errors=True)):
+            write_checkpoint(scratch, state=state, **objects)
+            sink.save(step, scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)  # still there when the sink copied rather than moved
+
+
+def _checkpoint_bytes(model, optimizer) -> SpaceNeeded:
+    """A checkpoint's size: the model's tensors (tied ones once) and the optimizer's, as safetensors
+    store them, raw; the JSON files and headers beside them are a few kB."""
+    tensors: dict[str, torch.Tensor] = {}
+    _to_json_tree(optimizer.state_dict(), "", tensors)
+    weights = sum(t.nbytes for t in _unique_tensors(model.state_dict()).values())
+    moments = sum(t.nbytes for t in tensors.values())
+    return SpaceNeeded(weights + moments, f"the model's tensors, {weights:,} bytes, and the optimizer's, {moments:,}")
 
 
 def _differences(saved: dict, current: dict) -> list[str]:
@@ -236,6 +258,18 @@ def _differences(saved: dict, current: dict) -> list[str]:
         else:
             changed.append(key)
     return changed
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """safetensors' save_file, an I/O failure raised as the OSError it is (a full disk included)."""
+    try:
+        save_file(tensors, str(path))
+    except SafetensorError as exc:
+        found = _OS_ERROR.search(str(exc))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from exc
 
 
 def _unique_tensors(state_dict: dict) -> dict[str, torch.Tensor]:

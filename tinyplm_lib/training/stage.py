@@ -113,7 +113,11 @@ def _save_folder(stage: PreparedStage, metrics: dict) -> None:
     atomic_write_json(out_dir / METRICS_FILE, metrics, indent=1)
     write_tensorboard(metrics["history"], out_dir / TENSORBOARD_DIR)
     loss_curve_png(metrics["history"], out_dir / LOSS_CURVE_FILE)
-    settings = {"training_args": json.loads(stage.arguments.args.to_json_string()),
+    training_args = json.loads(stage.arguments.args.to_json_string())
+    # The trainer's scratch inside this (staging) folder, deleted below: recording its random name
+    # would make two identical trainings differ, and it names nothing that exists afterwards.
+    training_args["output_dir"] = TRAINER_DIR
+    settings = {"training_args": training_args,
                 "stage": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(stage.options).items()}}
     atomic_write_json(out_dir / TRAINING_SETTINGS_FILE, settings, indent=1, default=str)
     shutil.rmtree(out_dir / TRAINER_DIR, ignore_errors=True)
