@@ -1,8 +1,8 @@
-"""Every scenario of bench/faults/ as a test, plus the bench's command line and its JSON report.
+"""Every scenario of bench/faults/ as a test (but the 102 Dagster step kills: one of them), the CLI, the report.
 
-Scenarios start real servers on 127.0.0.1 (HTTP, moto_server, a TCP proxy) and real child
-processes killed with SIGKILL; a failing one shows its detail. The step scenarios (corpus, shards,
-training killed and re-run) are marked slow. About a minute and a half on 2 cores in all.
+Scenarios start real servers on 127.0.0.1 (HTTP, moto_server, a TCP proxy), real `dagster` processes,
+a tmpfs to fill, and real child processes killed with SIGKILL; a failing one shows its detail. The step,
+concurrent-run and checkpoint disk-full scenarios, and the step kill, are marked slow.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from pathlib import Path
 from bench.faults.children import child_result, kill_when, run_child, start_child
 from bench.faults.core import Run, scenario
 from bench.faults.lab import Lab, seeded_files
+from tinyplm_lib import faultpoints
 from tinyplm_lib.errors import StorageError
 from tinyplm_lib.layout import SENTENCES_FILE
 from tinyplm_lib.store.artifacts import LocalArtifactStore
@@ -38,7 +39,12 @@ def local_artifact_corrupted(lab: Lab, run: Run) -> None:
 
 @scenario("storage")
 def publish_killed_at_random_points(lab: Lab, run: Run) -> None:
-    """SIGKILL during publish, at random points: the old or the new version loads, never a mix or none."""
+    """SIGKILL during publish, at random points: the old version until the copy is complete, never a mix or none.
+
+    The child's fault-point trace (tinyplm_lib/faultpoints.py) says whether the kill came before the
+    complete copy was handed to `_commit`: then the old version must load; after it, the old or the new
+    one (the rename that installs it is atomic), never anything else.
+    """
     work = lab.dir("publish-killed")
     old_source = seeded_files(work / "v1", 4, 64 * 1024, seed=1)
     new_source = seeded_files(work / "v2", 24, 1024 * 1024, seed=2)
@@ -49,8 +55,10 @@ def publish_killed_at_random_points(lab: Lab, run: Run) -> None:
     for attempt in range(5):
         store = LocalArtifactStore(work / f"store-{attempt}")
         old_manifest = store.publish("thing", old_source).manifest
+        faults = work / f"faults-{attempt}"
+        faults.mkdir()
         process = start_child("publish", work / f"kill-{attempt}.log", root=str(store.root), key="thing",
-                              source=str(new_source))
+                              source=str(new_source), env={faultpoints.DIR_ENV: str(faults)})
         # Spread over the whole publish and a little past it (then the child may finish first).
         killed = kill_when(process, lambda root=store.root: _incoming(root),
                            seconds * (attempt + lab.rng.random()) / 4.5)
@@ -63,13 +71,16 @@ def publish_killed_at_random_points(lab: Lab, run: Run) -> None:
             continue
         version = "old" if loaded == old_manifest else "new" if loaded == new_manifest else "mixed"
         run.artifact(version != "mixed", f"attempt {attempt}: the stored artifact matches neither version")
-        outcomes.append(version if killed else "finished")
+        complete = (faults / faultpoints.TRACE_FILE).exists()  # the child reached the publish point
+        if killed and not complete:
+            run.check(version == "old", f"attempt {attempt}: killed while copying, yet the {version} version loads")
+        outcomes.append(f"{version} ({'copy complete' if complete else 'copying'})" if killed else "finished")
         store.remove_leftovers()
         left = [p.name for p in (store.root / ".incoming").glob("*")] if (store.root / ".incoming").exists() else []
         run.check(left == [], f"attempt {attempt}: leftovers of the killed publish stay: {left}")
         store.publish("thing", new_source)
         run.artifact(store.load("thing").manifest == new_manifest, f"attempt {attempt}: the re-publish differs")
-    run.check(any(o in ("old", "new") for o in outcomes), f"no kill landed mid-publish: {outcomes}")
+    run.check(any(o.startswith(("old", "new")) for o in outcomes), f"no kill landed mid-publish: {outcomes}")
     run.note(f"publish takes {seconds:.2f} s; after each kill the store held: {outcomes}")
 
 
