@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 
 from tinyplm_lib.corpora.reader import LineReader, decode_lines
+from tinyplm_lib.corpora.sampling import sample_input
 from tinyplm_lib.diskspace import SpaceNeeded, disk_errors
 from tinyplm_lib.errors import ConfigError, InputError
 from tinyplm_lib.files import atomic_write_json, sha256_file, tmp_path
@@ -302,11 +303,7 @@ def _space_needed(text_path: Path, tokenizer_dir: Path) -> SpaceNeeded:
     """The shard set's size, for a DiskFullError: 2 bytes a token and 8 an offset (one a sentence),
     measured by encoding the text's first 1 MiB of lines and scaled to the whole file. Shards
     finished before the disk filled are kept and count towards it."""
-    size = text_path.stat().st_size
-    with open(text_path, "rb") as handle:
-        data = handle.read(_SAMPLE_BYTES)
-    if len(data) < size:
-        data = data[: data.rfind(b"\n") + 1] or data
+    data, size = sample_input(text_path, _SAMPLE_BYTES)
     chunk = _encode_chunk(EncodeTask(str(tokenizer_dir), 0, data))
     sample = 2 * len(chunk.tokens) + 8 * len(chunk.lengths)
     return SpaceNeeded(round(sample * size / max(len(data), 1)),
