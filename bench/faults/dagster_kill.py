@@ -18,12 +18,10 @@ saved before the kill), with no scratch folder or process of the killed run left
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,8 @@ from tinyplm_lib import faultpoints
 from tinyplm_lib.errors import StorageError
 from tinyplm_lib.store.artifacts import LocalArtifactStore
 
-DAGSTER = str(Path(sys.executable).with_name("dagster"))
+from demo_instance import DAGSTER, machine_env
+
 DEFINITIONS = ["-m", "tinyplm_assets.definitions"]
 BUCKET, PREFIX = "tinyplm-step-kill", "bench/step-kill"
 RUN_TIMEOUT_S = 600
@@ -93,19 +92,14 @@ class Machine:
         self.lab, self.storage = lab, storage
         self.root = lab.dir(f"machine-{storage}")
         self.config = _run_config(self.root)
-        home = self.root / "dagster_home"
-        home.mkdir()
-        shutil.copyfile(REPO_ROOT / "dagster.yaml", home / "dagster.yaml")
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "TINYPLM_"))}
-        env.update(TINYPLM_HOME=str(self.root / "home"), DAGSTER_HOME=str(home), PYTHONUNBUFFERED="1",
-                   HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", DAGSTER_DISABLE_TELEMETRY="1",
-                   TOKENIZERS_PARALLELISM="false")
-        if storage == "s3":
-            server = lab.moto()
+        server = lab.moto() if storage == "s3" else None
+        if server is not None:
             lab.cached(f"bucket-{BUCKET}", lambda: server.create_bucket(BUCKET))
-            env.update(server.env(), TINYPLM_S3_BUCKET=BUCKET, TINYPLM_S3_PREFIX=PREFIX,
-                       TINYPLM_S3_ENDPOINT_URL=server.endpoint)
-        self.env = env
+        # The test suite's machine: its own DAGSTER_HOME and TINYPLM_HOME under root, offline, S3 in BUCKET.
+        self.env = machine_env(self.root, server, bucket=BUCKET)
+        self.env.update(PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+        if server is not None:
+            self.env["TINYPLM_S3_PREFIX"] = PREFIX
         trace = self.root / "reference-trace"
         trace.mkdir()
         chosen = [step for step in STEPS if steps is None or step.name in steps]
